@@ -1,0 +1,189 @@
+"""``python -m rag``: the command line. The only place (with app.py) that prints for users.
+
+Library errors (``RagError``) become one clear line on stderr and exit status 1; anything else
+is a bug and keeps its traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import sys
+import textwrap
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+from rag.config import RETRIEVAL_MODES, Settings, load_settings
+from rag.embedding import Embedder, create_embedder
+from rag.errors import RagError
+from rag.types import Hit, IndexReport
+
+Command = Callable[[argparse.Namespace, Settings], int]
+_COMMANDS: dict[str, Command] = {}
+
+
+def command(name: str) -> Callable[[Command], Command]:
+    def register(fn: Command) -> Command:
+        _COMMANDS[name] = fn
+        return fn
+
+    return register
+
+
+def make_embedder(settings: Settings) -> Embedder:
+    return create_embedder(settings.embedding_model, batch_size=settings.embed_batch_size)
+
+
+def format_report(report: IndexReport, settings: Settings) -> str:
+    lines = []
+    if report.rebuild_reason:
+        lines.append(f"Rebuilt the whole index: {report.rebuild_reason}")
+    lines.append(
+        f"Indexed {settings.corpus_dir}: {len(report.added)} added, {len(report.updated)} updated, "
+        f"{len(report.removed)} removed, {len(report.unchanged)} unchanged, {len(report.skipped)} skipped"
+        + (f", {report.ignored} ignored (unsupported type)" if report.ignored else "")
+    )
+    lines.append(
+        f"{report.chunks_embedded} chunks embedded, {report.chunks_total} in the index, "
+        f"in {report.seconds:.1f} s"
+    )
+    for label, names in (("added", report.added), ("updated", report.updated), ("removed", report.removed)):
+        for name in names:
+            lines.append(f"  {label:8} {name}")
+    for item in report.skipped:
+        lines.append(f"  skipped  {item.source}: {item.reason}")
+    for note in report.notes:
+        lines.append(f"  note     {note}")
+    return "\n".join(lines)
+
+
+def format_hit(hit: Hit, *, width: int = 100) -> str:
+    where = hit.chunk.source + (f", page {hit.chunk.page}" if hit.chunk.page else "")
+    if hit.chunk.headings:
+        where += " > " + " > ".join(hit.chunk.headings)
+    snippet = " ".join(hit.chunk.text.split())
+    snippet = textwrap.shorten(snippet, width=width * 2, placeholder=" …")
+    body = textwrap.indent(textwrap.fill(snippet, width=width), "     ")
+    return f"{hit.rank:>2}. [{hit.score:.4f} | sim {hit.similarity:.3f}] {where}\n{body}"
+
+
+@command("index")
+def cmd_index(args: argparse.Namespace, settings: Settings) -> int:
+    from rag.indexing import sync_index
+
+    if not settings.corpus_dir.is_dir():
+        settings.corpus_dir.mkdir(parents=True)
+        print(f"Created {settings.corpus_dir}/: put your PDF, Markdown, text and HTML files there.")
+    report = sync_index(settings, make_embedder(settings), full=args.full, wait_for_lock=args.wait)
+    print(format_report(report, settings))
+    return 0
+
+
+@command("search")
+def cmd_search(args: argparse.Namespace, settings: Settings) -> int:
+    from rag.index import IndexStore
+    from rag.indexing import index_params
+    from rag.retrieval import Retriever
+
+    embedder = make_embedder(settings)
+    snapshot = IndexStore(settings.index_dir).load(expected=index_params(settings, embedder))
+    hits = Retriever(snapshot, embedder).search(
+        args.query,
+        k=args.k or settings.top_k,
+        mode=args.mode or settings.retrieval_mode,
+        min_similarity=args.min_similarity,
+    )
+    if not hits:
+        print("No matching passages." + (" (try a lower --min-similarity)" if args.min_similarity else ""))
+        return 0
+    for hit in hits:
+        print(format_hit(hit))
+    return 0
+
+
+def _human_size(n: float) -> str:
+    for unit in ("B", "KB", "MB", "GB"):
+        if n < 1024 or unit == "GB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n:.1f} GB"
+
+
+@command("status")
+def cmd_status(args: argparse.Namespace, settings: Settings) -> int:
+    from rag.index import IndexStore
+
+    store = IndexStore(settings.index_dir)
+    manifest = store.read_manifest()
+    print(f"Corpus:          {settings.corpus_dir.resolve()}")
+    print(f"Data directory:  {settings.data_dir.resolve()}")
+    if manifest is None:
+        print("Index:           none yet: run `python -m rag index`")
+        return 0
+    params = manifest["params"]
+    updated = dt.datetime.fromtimestamp(manifest["updated_at"]).astimezone().strftime("%Y-%m-%d %H:%M:%S %Z")
+    print(f"Files indexed:   {len(manifest['files'])}")
+    print(f"Chunks:          {manifest['chunk_count']}")
+    print(f"Embedding model: {params['embedding_model']} ({params['dimension']} dimensions)")
+    print(f"Chunking:        {params['chunk_tokens']} tokens, {params['chunk_overlap']} overlap")
+    print(f"Last update:     {updated} ({store.current_generation()})")
+    print(f"Size on disk:    {_human_size(store.size_on_disk())}")
+    skipped = manifest.get("skipped", [])
+    if skipped:
+        print(f"Skipped files:   {len(skipped)}")
+        for item in skipped:
+            print(f"  {item['source']}: {item['reason']}")
+    if args.files:
+        for source, rec in manifest["files"].items():
+            print(f"  {source}  ({len(rec['chunk_ids'])} chunks)")
+    return 0
+
+
+@command("eval")
+def cmd_eval(args: argparse.Namespace, settings: Settings) -> int:
+    from rag.evaluation import evaluate_dataset, format_table
+
+    result = evaluate_dataset(Path(args.dataset), settings, make_embedder(settings))
+    print(
+        f"{result.dataset}: {result.documents} documents ({result.chunks} chunks), "
+        f"{result.queries} judged queries"
+    )
+    print(format_table(result))
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m rag", description="Chat with your documents, locally.")
+    parser.add_argument("--corpus", type=Path, help="documents folder (RAG_CORPUS_DIR, default docs_corpus)")
+    parser.add_argument("--data-dir", type=Path, help="index and models folder (RAG_DATA_DIR, default .rag)")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("index", help="index new and changed files of the corpus folder")
+    p.add_argument("--full", action="store_true", help="rebuild everything from scratch")
+    p.add_argument("--wait", action="store_true", help="wait for another running indexer instead of failing")
+
+    p = sub.add_parser("search", help="print the passages that best match a question")
+    p.add_argument("query")
+    p.add_argument("-k", type=int, help="how many passages (RAG_TOP_K, default 5)")
+    p.add_argument("--mode", choices=RETRIEVAL_MODES, help="retrieval mode (RAG_RETRIEVAL_MODE, default hybrid)")
+    p.add_argument("--min-similarity", type=float, help="drop passages below this cosine similarity")
+
+    p = sub.add_parser("status", help="what is indexed")
+    p.add_argument("--files", action="store_true", help="list every indexed file")
+
+    p = sub.add_parser("eval", help="evaluate retrieval on a BEIR-format dataset")
+    p.add_argument("dataset", help="folder with corpus.jsonl, queries.jsonl, qrels/test.tsv")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        settings = load_settings(corpus_dir=args.corpus, data_dir=args.data_dir)
+        return _COMMANDS[args.command](args, settings)
+    except RagError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130

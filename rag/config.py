@@ -1,0 +1,167 @@
+"""Settings: one frozen object, built once at start and passed down.
+
+Precedence, highest first: keyword arguments to ``load_settings`` > environment variables
+(prefix ``RAG_``) > a ``.env`` file in the working directory > the defaults below.
+Nothing reads the environment at import time.
+
+    >>> load_settings(environ={"RAG_TOP_K": "3"}, dotenv=None).top_k
+    3
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass, fields
+from pathlib import Path
+from typing import Any
+
+from rag.errors import ConfigError
+
+ENV_PREFIX = "RAG_"
+DEFAULT_EMBEDDING_MODEL = "all-MiniLM-L6-v2"
+RETRIEVAL_MODES = ("hybrid", "dense", "bm25")
+
+
+class Secret(str):
+    """A string that does not show itself in reprs or logs."""
+
+    def __repr__(self) -> str:
+        return "Secret('**********')" if self else "Secret('')"
+
+
+@dataclass(frozen=True)
+class Settings:
+    # Where things live.
+    corpus_dir: Path = Path("docs_corpus")
+    data_dir: Path = Path(".rag")
+    # Loading.
+    max_file_mb: float = 50.0
+    # Chunking: token counts are measured with the embedding model's own tokenizer.
+    chunk_tokens: int = 200
+    chunk_overlap: int = 40
+    # Embedding.
+    embedding_model: str = DEFAULT_EMBEDDING_MODEL
+    embed_batch_size: int = 16
+    # Retrieval.
+    top_k: int = 5
+    retrieval_mode: str = "hybrid"
+    min_relevance: float = 0.25
+    hnsw_threshold: int = 50_000
+    # Indexing: commit finished work at least this often, so a killed run loses little.
+    checkpoint_seconds: float = 60.0
+    # Chat endpoint (empty: discover Foundry Local, else start the embedded runtime).
+    base_url: str = ""
+    model: str = ""
+    api_key: Secret = Secret("")
+    connect_timeout: float = 5.0
+    first_token_timeout: float = 120.0
+    idle_timeout: float = 60.0
+    connect_retries: int = 2
+    max_answer_tokens: int = 512
+    temperature: float = 0.2
+
+    @property
+    def index_dir(self) -> Path:
+        return self.data_dir / "index"
+
+    @property
+    def models_dir(self) -> Path:
+        return self.data_dir / "models"
+
+    @property
+    def max_file_bytes(self) -> int:
+        return int(self.max_file_mb * 1024 * 1024)
+
+    def __post_init__(self) -> None:
+        if self.retrieval_mode not in RETRIEVAL_MODES:
+            raise ConfigError(
+                f"RAG_RETRIEVAL_MODE={self.retrieval_mode!r} is not one of {', '.join(RETRIEVAL_MODES)}"
+            )
+        if self.chunk_tokens < 16:
+            raise ConfigError(f"RAG_CHUNK_TOKENS={self.chunk_tokens} is too small: use at least 16")
+        if not 0 <= self.chunk_overlap < self.chunk_tokens:
+            raise ConfigError(
+                f"RAG_CHUNK_OVERLAP={self.chunk_overlap} must be at least 0 and below RAG_CHUNK_TOKENS "
+                f"({self.chunk_tokens})"
+            )
+        if self.top_k < 1:
+            raise ConfigError(f"RAG_TOP_K={self.top_k} must be at least 1")
+        if self.max_file_mb <= 0:
+            raise ConfigError(f"RAG_MAX_FILE_MB={self.max_file_mb} must be positive")
+
+    def replace(self, **changes: Any) -> Settings:
+        return dataclasses.replace(self, **changes)
+
+
+def env_name(field_name: str) -> str:
+    """``top_k`` -> ``RAG_TOP_K``."""
+    return ENV_PREFIX + field_name.upper()
+
+
+def read_dotenv(path: Path) -> dict[str, str]:
+    """Parse ``KEY=value`` lines; ``#`` comments, ``export`` and quotes are allowed.
+
+    >>> import tempfile, pathlib
+    >>> p = pathlib.Path(tempfile.mkdtemp()) / ".env"; _ = p.write_text('export RAG_TOP_K="7" # x\\n')
+    >>> read_dotenv(p)
+    {'RAG_TOP_K': '7'}
+    """
+    values: dict[str, str] = {}
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        return values
+    for line in text.splitlines():
+        line = line.strip()
+        if not line or line.startswith("#") or "=" not in line:
+            continue
+        key, _, value = line.partition("=")
+        key = key.removeprefix("export ").strip()
+        value = value.strip()
+        if value[:1] in {'"', "'"} and value[:1] in value[1:]:
+            value = value[1 : value.index(value[0], 1)]
+        elif " #" in value:
+            value = value.split(" #", 1)[0].rstrip()
+        values[key] = value
+    return values
+
+
+def _convert(name: str, raw: str, kind: Any) -> Any:
+    try:
+        if kind in ("Path", Path):
+            return Path(raw).expanduser()
+        if kind in ("int", int):
+            return int(raw)
+        if kind in ("float", float):
+            return float(raw)
+        if kind in ("Secret", Secret):
+            return Secret(raw)
+        return raw
+    except ValueError as exc:
+        raise ConfigError(f"{env_name(name)}={raw!r} is not a valid {kind}: {exc}") from exc
+
+
+def load_settings(
+    *,
+    environ: Mapping[str, str] | None = None,
+    dotenv: Path | None = Path(".env"),
+    **overrides: Any,
+) -> Settings:
+    """Build the settings from (in order of precedence) overrides, environment, .env, defaults."""
+    env = os.environ if environ is None else environ
+    file_values = read_dotenv(dotenv) if dotenv is not None else {}
+    values: dict[str, Any] = {}
+    for f in fields(Settings):
+        key = env_name(f.name)
+        if f.name in overrides and overrides[f.name] is not None:
+            values[f.name] = overrides[f.name]
+        elif key in env:
+            values[f.name] = _convert(f.name, env[key], f.type)
+        elif key in file_values:
+            values[f.name] = _convert(f.name, file_values[key], f.type)
+    unknown = set(overrides) - {f.name for f in fields(Settings)}
+    if unknown:
+        raise ConfigError(f"unknown settings: {', '.join(sorted(unknown))}")
+    return Settings(**values)

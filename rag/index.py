@@ -1,0 +1,380 @@
+"""The index on disk: FAISS vectors + BM25 postings + chunk texts + a manifest, versioned.
+
+Layout under the index directory::
+
+    CURRENT            name of the live generation, replaced atomically (write temp, fsync, rename)
+    gen-000042/        one complete index: manifest.json, vectors.faiss, keyword.npz, chunks.jsonl
+    lock               held (flock) by the one process allowed to write
+
+A writer builds a whole new generation in a temporary directory, renames it into place and
+only then points ``CURRENT`` at it, so a reader (or a writer killed at any moment) always sees
+the previous complete index or the new complete one. Rewriting every file per update costs
+O(index size) of disk writes, which stays small next to embedding; it buys readers a
+consistent snapshot without any coordination. The last two generations are kept, so a reader
+that has just read ``CURRENT`` can still open the one it names.
+
+Vectors are kept in an ``IndexIDMap2`` over exact inner-product search (unit vectors: cosine),
+keyed by a 63-bit integer taken from each chunk's id, so the chunks of one file can be removed
+without touching the rest.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import json
+import os
+import shutil
+import time
+from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import faiss
+import numpy as np
+
+from rag.errors import IndexLockedError, IndexMismatchError, IndexMissingError
+from rag.keyword import KeywordIndex
+from rag.types import Chunk
+
+FORMAT = "rag-index v1"
+CURRENT = "CURRENT"
+KEEP_GENERATIONS = 2
+
+
+def chunk_key(chunk_id: str) -> int:
+    """The FAISS id of a chunk: its hex id's first 60 bits, as a non-negative int64.
+
+    >>> chunk_key("00000000000000ff" + "0" * 16)
+    15
+    """
+    return int(chunk_id[:15], 16)
+
+
+@dataclass(frozen=True)
+class IndexParams:
+    """What the vectors and chunks depend on; a difference forces a full rebuild."""
+
+    embedding_model: str
+    dimension: int
+    chunk_tokens: int
+    chunk_overlap: int
+    window: int
+    chunker: str
+
+    def difference(self, other: IndexParams) -> str | None:
+        """Why ``other`` (on disk) cannot be updated incrementally into ``self``, or None."""
+        reasons = []
+        for name, value in asdict(self).items():
+            old = getattr(other, name)
+            if old != value:
+                reasons.append(f"{name} changed from {old!r} to {value!r}")
+        return "; ".join(reasons) or None
+
+
+@dataclass(frozen=True)
+class FileRecord:
+    """One indexed file: what it was when indexed, and its chunks (in document order)."""
+
+    source: str
+    sha256: str
+    size: int
+    mtime_ns: int
+    chunk_ids: tuple[str, ...]
+
+
+@dataclass
+class Snapshot:
+    """A whole index in memory: loaded for search, or the working copy of an update."""
+
+    params: IndexParams
+    files: dict[str, FileRecord] = field(default_factory=dict)
+    chunks: dict[int, Chunk] = field(default_factory=dict)
+    vectors: faiss.IndexIDMap2 | None = None
+    keyword: KeywordIndex = field(default_factory=KeywordIndex)
+    generation: str | None = None
+    updated_at: float = 0.0
+
+    def __post_init__(self) -> None:
+        if self.vectors is None:
+            self.vectors = faiss.IndexIDMap2(faiss.IndexFlatIP(self.params.dimension))
+
+    def __len__(self) -> int:
+        return len(self.chunks)
+
+    def chunks_of(self, source: str) -> list[Chunk]:
+        record = self.files.get(source)
+        if record is None:
+            return []
+        return [self.chunks[chunk_key(cid)] for cid in record.chunk_ids]
+
+    def vector(self, key: int) -> np.ndarray:
+        assert self.vectors is not None
+        return np.asarray(self.vectors.reconstruct(int(key)), dtype=np.float32)
+
+    def drop_file(self, source: str) -> None:
+        record = self.files.pop(source, None)
+        if record is None:
+            return
+        keys = [chunk_key(cid) for cid in record.chunk_ids]
+        for key in keys:
+            self.chunks.pop(key, None)
+        assert self.vectors is not None
+        self.vectors.remove_ids(np.asarray(keys, dtype=np.int64))
+        self.keyword.remove(keys)
+
+    def put_file(
+        self, record: FileRecord, chunks: Sequence[Chunk], vectors: np.ndarray, texts: Sequence[str]
+    ) -> None:
+        """Replace whatever was indexed for ``record.source`` with these chunks."""
+        self.drop_file(record.source)
+        keys = np.asarray([chunk_key(c.id) for c in chunks], dtype=np.int64)
+        if len(set(keys.tolist())) != len(keys) or any(int(k) in self.chunks for k in keys):
+            # 60-bit keys from 128-bit content hashes: a clash is astronomically unlikely,
+            # but a silent overwrite would mis-cite, so refuse loudly.
+            raise IndexMismatchError(f"chunk id collision while indexing {record.source}: rebuild with --full")
+        for key, chunk in zip(keys.tolist(), chunks, strict=True):
+            self.chunks[key] = chunk
+        if len(chunks):
+            assert self.vectors is not None
+            self.vectors.add_with_ids(np.ascontiguousarray(vectors, dtype=np.float32), keys)
+            self.keyword.add(keys.tolist(), list(texts))
+        self.files[record.source] = record
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _write_file(path: Path, data: bytes) -> None:
+    with open(path, "wb") as fh:
+        fh.write(data)
+        fh.flush()
+        os.fsync(fh.fileno())
+
+
+def _chunk_to_json(key: int, chunk: Chunk) -> str:
+    return json.dumps(
+        {
+            "key": key,
+            "id": chunk.id,
+            "source": chunk.source,
+            "page": chunk.page,
+            "start": chunk.start,
+            "end": chunk.end,
+            "headings": list(chunk.headings),
+            "title": chunk.title,
+            "text": chunk.text,
+        },
+        ensure_ascii=False,
+    )
+
+
+def _chunk_from_json(line: str) -> tuple[int, Chunk]:
+    raw = json.loads(line)
+    chunk = Chunk(
+        id=raw["id"],
+        source=raw["source"],
+        text=raw["text"],
+        start=raw["start"],
+        end=raw["end"],
+        page=raw["page"],
+        headings=tuple(raw["headings"]),
+        title=raw["title"],
+    )
+    return int(raw["key"]), chunk
+
+
+class IndexStore:
+    """Reads and writes generations of the index under one directory."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = Path(root)
+
+    # -- reading -----------------------------------------------------------------------------
+
+    def current_generation(self) -> str | None:
+        try:
+            name = (self.root / CURRENT).read_text(encoding="utf-8").strip()
+        except FileNotFoundError:
+            return None
+        return name or None
+
+    def read_manifest(self) -> dict | None:
+        """The live manifest as stored, or None when nothing has been indexed."""
+        for _ in range(3):
+            generation = self.current_generation()
+            if generation is None:
+                return None
+            with contextlib.suppress(FileNotFoundError):
+                return json.loads((self.root / generation / "manifest.json").read_text(encoding="utf-8"))
+        return None
+
+    def load(self, *, expected: IndexParams | None = None) -> Snapshot:
+        """Load the live generation completely into memory (a consistent snapshot).
+
+        Raises ``IndexMissingError`` when there is none and ``IndexMismatchError`` when it was
+        written in another format or (given ``expected``) with other parameters.
+        """
+        for _ in range(3):
+            generation = self.current_generation()
+            if generation is None:
+                raise IndexMissingError(
+                    f"no index in {self.root}: run `python -m rag index` (or `make run`) to build it"
+                )
+            try:
+                snapshot = self._load_generation(generation)
+            except FileNotFoundError:
+                continue  # a writer replaced and collected it between our two reads: retry
+            if expected is not None:
+                reason = expected.difference(snapshot.params)
+                if reason:
+                    raise IndexMismatchError(
+                        f"the index in {self.root} was built differently ({reason}): "
+                        "run `python -m rag index` to rebuild it"
+                    )
+            return snapshot
+        raise IndexMismatchError(f"the index in {self.root} keeps changing under us; try again")
+
+    def _load_generation(self, generation: str) -> Snapshot:
+        folder = self.root / generation
+        manifest = json.loads((folder / "manifest.json").read_text(encoding="utf-8"))
+        if manifest.get("format") != FORMAT:
+            raise IndexMismatchError(
+                f"the index in {self.root} has format {manifest.get('format')!r}, this version reads "
+                f"{FORMAT!r}: run `python -m rag index --full` to rebuild it"
+            )
+        params = IndexParams(**manifest["params"])
+        files = {
+            source: FileRecord(source=source, chunk_ids=tuple(rec.pop("chunk_ids")), **rec)
+            for source, rec in manifest["files"].items()
+        }
+        chunks: dict[int, Chunk] = {}
+        with open(folder / "chunks.jsonl", encoding="utf-8") as fh:
+            for line in fh:
+                key, chunk = _chunk_from_json(line)
+                chunks[key] = chunk
+        vectors = faiss.read_index(str(folder / "vectors.faiss"))
+        keyword = KeywordIndex.load(folder / "keyword.npz")
+        if vectors.ntotal != len(chunks) or len(keyword) != len(chunks):
+            raise IndexMismatchError(
+                f"the index generation {folder} is inconsistent ({vectors.ntotal} vectors, "
+                f"{len(chunks)} chunks): run `python -m rag index --full` to rebuild it"
+            )
+        return Snapshot(
+            params=params,
+            files=files,
+            chunks=chunks,
+            vectors=vectors,
+            keyword=keyword,
+            generation=generation,
+            updated_at=float(manifest.get("updated_at", 0.0)),
+        )
+
+    # -- writing (only under the lock) --------------------------------------------------------
+
+    def commit(self, snapshot: Snapshot, *, extra: dict | None = None) -> str:
+        """Write ``snapshot`` as a new generation and make it the live one, atomically."""
+        self.root.mkdir(parents=True, exist_ok=True)
+        number = max((self._generation_number(p.name) for p in self.root.glob("gen-*")), default=0) + 1
+        name = f"gen-{number:06d}"
+        tmp = self.root / f".tmp-{name}-{os.getpid()}"
+        tmp.mkdir()
+        updated_at = time.time()
+        manifest = {
+            "format": FORMAT,
+            "params": asdict(snapshot.params),
+            "updated_at": updated_at,
+            "chunk_count": len(snapshot.chunks),
+            "files": {
+                source: {
+                    "sha256": rec.sha256,
+                    "size": rec.size,
+                    "mtime_ns": rec.mtime_ns,
+                    "chunk_ids": list(rec.chunk_ids),
+                }
+                for source, rec in sorted(snapshot.files.items())
+            },
+            **(extra or {}),
+        }
+        lines = "".join(_chunk_to_json(k, c) + "\n" for k, c in snapshot.chunks.items())
+        _write_file(tmp / "chunks.jsonl", lines.encode("utf-8"))
+        _write_file(tmp / "vectors.faiss", faiss.serialize_index(snapshot.vectors).tobytes())
+        snapshot.keyword.save(tmp / "keyword.npz")
+        with open(tmp / "keyword.npz", "rb+") as fh:
+            os.fsync(fh.fileno())
+        # The manifest goes last: a directory with a manifest is complete.
+        _write_file(tmp / "manifest.json", json.dumps(manifest, ensure_ascii=False, indent=1).encode("utf-8"))
+        _fsync_dir(tmp)
+        os.rename(tmp, self.root / name)
+        pointer = self.root / f".{CURRENT}.tmp-{os.getpid()}"
+        _write_file(pointer, name.encode("ascii"))
+        os.replace(pointer, self.root / CURRENT)
+        _fsync_dir(self.root)
+        snapshot.generation = name
+        snapshot.updated_at = updated_at
+        self.collect_garbage()
+        return name
+
+    def collect_garbage(self) -> None:
+        """Remove leftovers of interrupted writes and generations older than the last two."""
+        live = self.current_generation()
+        for leftover in self.root.glob(".tmp-*"):
+            shutil.rmtree(leftover, ignore_errors=True)
+        for leftover in self.root.glob(f".{CURRENT}.tmp-*"):
+            leftover.unlink(missing_ok=True)
+        generations = sorted(self.root.glob("gen-*"), key=lambda p: self._generation_number(p.name))
+        if live is None:
+            return
+        live_number = self._generation_number(live)
+        keep = {p.name for p in generations if self._generation_number(p.name) <= live_number}
+        keep = set(sorted(keep, key=self._generation_number)[-KEEP_GENERATIONS:])
+        for folder in generations:
+            if folder.name not in keep:
+                shutil.rmtree(folder, ignore_errors=True)
+
+    def size_on_disk(self) -> int:
+        generation = self.current_generation()
+        if generation is None:
+            return 0
+        return sum(p.stat().st_size for p in (self.root / generation).iterdir() if p.is_file())
+
+    @staticmethod
+    def _generation_number(name: str) -> int:
+        try:
+            return int(name.removeprefix("gen-"))
+        except ValueError:
+            return -1
+
+    @contextlib.contextmanager
+    def lock(self, *, wait: bool = False) -> Iterator[None]:
+        """Hold the writer's lock; raises ``IndexLockedError`` when busy and not ``wait``."""
+        self.root.mkdir(parents=True, exist_ok=True)
+        path = self.root / "lock"
+        with open(path, "a+") as fh:
+            try:
+                fcntl.flock(fh, fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB))
+            except BlockingIOError as exc:
+                fh.seek(0)
+                holder = fh.read().strip() or "another process"
+                raise IndexLockedError(
+                    f"the index in {self.root} is being updated by {holder}: wait for it to finish"
+                ) from exc
+            fh.seek(0)
+            fh.truncate()
+            fh.write(f"pid {os.getpid()}")
+            fh.flush()
+            try:
+                yield
+            finally:
+                fh.seek(0)
+                fh.truncate()
+                fcntl.flock(fh, fcntl.LOCK_UN)
+
+
+def keys_of(chunks: Iterable[Chunk]) -> list[int]:
+    return [chunk_key(c.id) for c in chunks]

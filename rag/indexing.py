@@ -1,0 +1,307 @@
+"""Bring the index in line with the corpus folder, incrementally.
+
+One run: scan the folder, compare each file with the manifest (size and mtime first, the
+content hash when those differ), read and chunk only new or changed files, embed only chunk
+texts the index has not embedded before, drop the chunks of changed and deleted files, and
+commit. A change of embedding model or chunking settings rebuilds everything, and says why.
+
+Every file's bytes are read once: the same bytes are hashed and parsed, so a file that changes
+while we index it is recorded as the version we read, and the next run sees the difference.
+A file that fails to load is skipped with its reason; if an earlier version was indexed, that
+version is kept (bad input never loses data) and the report says so.
+
+The work is committed in checkpoints (``RAG_CHECKPOINT_SECONDS``), so killing the indexer loses at
+most that much embedding, and the next run carries on from the last checkpoint.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import numpy as np
+from tqdm import tqdm
+
+from rag.chunking import embedding_text, split_documents
+from rag.config import Settings
+from rag.embedding import Embedder
+from rag.errors import IndexMismatchError, IndexMissingError, LoadError
+from rag.index import FileRecord, IndexParams, IndexStore, Snapshot
+from rag.loaders import CorpusFile, load_bytes, scan_corpus
+from rag.types import Chunk, IndexReport, SkippedFile
+
+CHUNKER_VERSION = "structure-v1"
+
+
+def index_params(settings: Settings, embedder: Embedder) -> IndexParams:
+    return IndexParams(
+        embedding_model=embedder.model_id,
+        dimension=embedder.dimension,
+        chunk_tokens=settings.chunk_tokens,
+        chunk_overlap=settings.chunk_overlap,
+        window=embedder.max_tokens,
+        chunker=CHUNKER_VERSION,
+    )
+
+
+@dataclass(frozen=True)
+class _Pending:
+    """A file read and chunked, waiting for its vectors."""
+
+    file: CorpusFile
+    sha256: str
+    chunks: tuple[Chunk, ...]
+    texts: tuple[str, ...]
+    is_new: bool
+
+
+def _text_hash(text: str) -> bytes:
+    return hashlib.blake2b(text.encode("utf-8"), digest_size=16).digest()
+
+
+def _read(file: CorpusFile) -> bytes:
+    try:
+        with open(file.path, "rb") as fh:
+            return fh.read()
+    except FileNotFoundError as exc:
+        raise LoadError(file.source, "file disappeared while indexing") from exc
+    except PermissionError as exc:
+        raise LoadError(file.source, "permission denied") from exc
+    except OSError as exc:
+        raise LoadError(file.source, f"could not be read: {exc.strerror or exc}") from exc
+
+
+class _VectorCache:
+    """Vectors the old index already holds, found by the hash of their embedded text.
+
+    Lets an edited file re-embed only the chunks whose text changed, and two copies of the
+    same document share the embedding work.
+    """
+
+    def __init__(self, snapshot: Snapshot | None, text_of: Callable[[Chunk], str]) -> None:
+        self._snapshot = snapshot
+        self._keys: dict[bytes, int] = {}
+        if snapshot is not None:
+            for key, chunk in snapshot.chunks.items():
+                self._keys[_text_hash(text_of(chunk))] = key
+        self._fresh: dict[bytes, np.ndarray] = {}
+
+    def get(self, text: str) -> np.ndarray | None:
+        h = _text_hash(text)
+        if h in self._fresh:
+            return self._fresh[h]
+        key = self._keys.get(h)
+        if key is not None and self._snapshot is not None and key in self._snapshot.chunks:
+            return self._snapshot.vector(key)
+        return None
+
+    def put(self, text: str, vector: np.ndarray) -> None:
+        self._fresh[_text_hash(text)] = vector
+
+
+def sync_index(
+    settings: Settings,
+    embedder: Embedder,
+    *,
+    full: bool = False,
+    checkpoint_seconds: float | None = None,
+    show_progress: bool | None = None,
+    wait_for_lock: bool = False,
+) -> IndexReport:
+    """Update the index of ``settings.corpus_dir``; returns what was done."""
+    started = time.monotonic()
+    if checkpoint_seconds is None:
+        checkpoint_seconds = settings.checkpoint_seconds
+    store = IndexStore(settings.index_dir)
+    params = index_params(settings, embedder)
+    with store.lock(wait=wait_for_lock):
+        store.collect_garbage()
+        rebuild_reason: str | None = "full rebuild requested" if full else None
+        old: Snapshot | None = None
+        if not full:
+            try:
+                old = store.load()
+            except IndexMissingError:
+                old = None
+            except IndexMismatchError as exc:
+                rebuild_reason = str(exc)
+            if old is not None:
+                difference = params.difference(old.params)
+                if difference:
+                    rebuild_reason = f"the index was built with other settings ({difference})"
+                    old = None
+
+        work = Snapshot(params=params)
+        if old is not None:
+            work = old
+        cache = _VectorCache(old, embedding_text)
+
+        scan = scan_corpus(settings.corpus_dir, max_bytes=settings.max_file_bytes)
+        skipped: list[SkippedFile] = list(scan.skipped)
+        present = {f.source for f in scan.files}
+        unchanged: list[str] = []
+        added: list[str] = []
+        updated: list[str] = []
+        notes: list[str] = []
+
+        # Skipped files that were indexed before keep their old chunks (never lose data);
+        # files that are gone from the folder are removed.
+        skipped_sources = {s.source for s in skipped}
+        # Removal waits until after embedding, so a renamed file reuses its old vectors.
+        removed = sorted(s for s in work.files if s not in present and s not in skipped_sources)
+        for item in skipped:
+            if item.source in work.files:
+                notes.append(f"{item.source}: kept the previously indexed version")
+
+        pending: list[_Pending] = []
+        to_read = []
+        for file in scan.files:
+            record = work.files.get(file.source)
+            if record is not None and record.size == file.size and record.mtime_ns == file.mtime_ns:
+                unchanged.append(file.source)
+            else:
+                to_read.append(file)
+
+        progress = _progress(show_progress)
+        for file in progress(to_read, desc="reading", unit="file"):
+            try:
+                data = _read(file)
+                if len(data) > settings.max_file_bytes:
+                    raise LoadError(file.source, "grew past the size limit while indexing")
+                sha = hashlib.sha256(data).hexdigest()
+                record = work.files.get(file.source)
+                if record is not None and record.sha256 == sha:
+                    # Touched, not changed: remember the new stat, keep the chunks.
+                    work.files[file.source] = FileRecord(
+                        file.source, sha, file.size, file.mtime_ns, record.chunk_ids
+                    )
+                    unchanged.append(file.source)
+                    continue
+                documents = load_bytes(file.source, data)
+                chunks = split_documents(
+                    documents,
+                    max_tokens=settings.chunk_tokens,
+                    overlap_tokens=settings.chunk_overlap,
+                    count_tokens=embedder.count_tokens,
+                    window=embedder.max_tokens or None,
+                )
+            except LoadError as exc:
+                skipped.append(SkippedFile(file.source, exc.reason))
+                if file.source in work.files:
+                    notes.append(f"{file.source}: kept the previously indexed version")
+                continue
+            if not chunks:
+                skipped.append(SkippedFile(file.source, "no text to index"))
+                continue
+            pending.append(
+                _Pending(
+                    file=file,
+                    sha256=sha,
+                    chunks=tuple(chunks),
+                    texts=tuple(embedding_text(c) for c in chunks),
+                    is_new=file.source not in work.files,
+                )
+            )
+
+        total_new = _count_uncached(pending, cache)
+        embedded = 0
+        last_checkpoint = time.monotonic()
+        bar = progress(total=total_new, desc="embedding", unit="chunk")
+        try:
+            for item in pending:
+                vectors = np.zeros((len(item.texts), params.dimension), dtype=np.float32)
+                missing = []
+                for row, text in enumerate(item.texts):
+                    vector = cache.get(text)
+                    if vector is None:
+                        missing.append(row)
+                    else:
+                        vectors[row] = vector
+                if missing:
+                    fresh = embedder.embed([item.texts[r] for r in missing], on_batch=bar.update)
+                    for row, vector in zip(missing, fresh, strict=True):
+                        vectors[row] = vector
+                        cache.put(item.texts[row], vector)
+                    embedded += len(missing)
+                work.put_file(
+                    FileRecord(
+                        item.file.source,
+                        item.sha256,
+                        item.file.size,
+                        item.file.mtime_ns,
+                        tuple(c.id for c in item.chunks),
+                    ),
+                    item.chunks,
+                    vectors,
+                    item.texts,
+                )
+                (added if item.is_new else updated).append(item.file.source)
+                if time.monotonic() - last_checkpoint > checkpoint_seconds:
+                    store.commit(work, extra=_extra(skipped))
+                    last_checkpoint = time.monotonic()
+        finally:
+            bar.close()
+        for source in removed:
+            work.drop_file(source)
+
+        changed = bool(added or updated or removed or rebuild_reason or old is None)
+        touched = any(
+            work.files[s].mtime_ns != (old.files[s].mtime_ns if old and s in old.files else None)
+            for s in unchanged
+            if s in work.files
+        )
+        if changed or touched or store.current_generation() is None:
+            store.commit(work, extra=_extra(skipped))
+
+    return IndexReport(
+        added=tuple(sorted(added)),
+        updated=tuple(sorted(updated)),
+        removed=tuple(removed),
+        unchanged=tuple(sorted(set(unchanged))),
+        skipped=tuple(sorted(skipped, key=lambda s: s.source)),
+        ignored=scan.ignored,
+        chunks_embedded=embedded,
+        chunks_total=len(work.chunks),
+        seconds=time.monotonic() - started,
+        rebuild_reason=rebuild_reason,
+        notes=tuple(notes),
+    )
+
+
+def _extra(skipped: list[SkippedFile]) -> dict:
+    return {"skipped": [{"source": s.source, "reason": s.reason} for s in skipped]}
+
+
+def _count_uncached(pending: list[_Pending], cache: _VectorCache) -> int:
+    seen: set[bytes] = set()
+    count = 0
+    for item in pending:
+        for text in item.texts:
+            h = _text_hash(text)
+            if h not in seen and cache.get(text) is None:
+                count += 1
+            seen.add(h)
+    return count
+
+
+class _NoBar:
+    def update(self, n: int = 1) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
+def _progress(show: bool | None) -> Callable:
+    """tqdm when on a terminal (or asked for), else a silent stand-in."""
+    enabled = sys.stderr.isatty() if show is None else show
+
+    def make(iterable=None, **kwargs):  # type: ignore[no-untyped-def]
+        if not enabled:
+            return iterable if iterable is not None else _NoBar()
+        return tqdm(iterable, file=sys.stderr, leave=False, **kwargs)
+
+    return make

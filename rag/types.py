@@ -1,0 +1,86 @@
+"""The currency between pipeline stages: small frozen dataclasses, nothing else.
+
+A file becomes ``Document``s (one per PDF page, or per file), documents become ``Chunk``s,
+a search returns ``Hit``s. Paths are POSIX strings relative to the corpus directory.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+
+@dataclass(frozen=True)
+class Document:
+    """Text of one file, or of one page of a paged file.
+
+    ``page`` is 1-based for paged formats (PDF) and ``None`` otherwise.
+    ``sections`` marks where Markdown headings start: ``(offset, heading_path)`` pairs,
+    sorted by offset, where ``heading_path`` is e.g. ``("Install", "On Linux")``.
+    """
+
+    source: str
+    text: str
+    page: int | None = None
+    title: str = ""
+    sections: tuple[tuple[int, tuple[str, ...]], ...] = ()
+
+
+@dataclass(frozen=True)
+class Chunk:
+    """A passage small enough for the embedding model's window.
+
+    ``text`` is exactly ``document.text[start:end]``; ``headings`` is the heading path in
+    force at ``start``. ``id`` is stable: derived from source, page, position and content.
+    """
+
+    id: str
+    source: str
+    text: str
+    start: int
+    end: int
+    page: int | None = None
+    headings: tuple[str, ...] = ()
+    title: str = ""
+
+
+@dataclass(frozen=True)
+class Hit:
+    """One retrieved chunk. ``score`` orders hits within a search (higher is better);
+    ``similarity`` is the cosine similarity of the query to the chunk, comparable across
+    modes, and what a relevance threshold applies to."""
+
+    chunk: Chunk
+    score: float
+    rank: int
+    similarity: float = 0.0
+    dense_rank: int | None = None
+    keyword_rank: int | None = None
+
+
+@dataclass(frozen=True)
+class SkippedFile:
+    """A file that was not indexed, and why (shown to the user as is)."""
+
+    source: str
+    reason: str
+
+
+@dataclass(frozen=True)
+class IndexReport:
+    """What one ``rag index`` run did."""
+
+    added: tuple[str, ...] = ()
+    updated: tuple[str, ...] = ()
+    removed: tuple[str, ...] = ()
+    unchanged: tuple[str, ...] = ()
+    skipped: tuple[SkippedFile, ...] = ()
+    ignored: int = 0
+    chunks_embedded: int = 0
+    chunks_total: int = 0
+    seconds: float = 0.0
+    rebuild_reason: str | None = None
+    notes: tuple[str, ...] = field(default_factory=tuple)
+
+    @property
+    def changed(self) -> bool:
+        return bool(self.added or self.updated or self.removed)

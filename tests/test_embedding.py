@@ -1,0 +1,60 @@
+"""The embedder seam: the fake's contract, and the real model (offline) as its counterpart."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from rag.embedding import SentenceTransformerEmbedder, create_embedder, normalize
+from rag.errors import ConfigError
+from tests.fakes import FakeEmbedder
+
+
+def test_normalize_keeps_zero_rows() -> None:
+    out = normalize(np.array([[3.0, 4.0], [0.0, 0.0]]))
+    np.testing.assert_allclose(out, [[0.6, 0.8], [0.0, 0.0]])
+
+
+def test_fake_is_deterministic_text_dependent_and_batched() -> None:
+    a, b = FakeEmbedder(batch_size=2), FakeEmbedder(batch_size=3)
+    texts = ["red apples", "green apples", "fast cars", "red apples", "quantum physics"]
+    va, vb = a.embed(texts), b.embed(texts)
+    np.testing.assert_allclose(va, vb)
+    np.testing.assert_allclose(np.linalg.norm(va, axis=1), 1.0, rtol=1e-6)
+    assert va[0] @ va[1] > va[0] @ va[2]
+    np.testing.assert_array_equal(va[0], va[3])
+
+
+def test_unknown_model_name_is_a_config_error() -> None:
+    with pytest.raises(ConfigError, match="RAG_EMBEDDING_MODEL='no-such-model'"):
+        create_embedder("no-such-model")
+
+
+@pytest.fixture(scope="module")
+def real() -> SentenceTransformerEmbedder:
+    return SentenceTransformerEmbedder()
+
+
+@pytest.mark.slow
+def test_real_model_loads_offline_with_its_own_window(real: SentenceTransformerEmbedder) -> None:
+    vectors = real.embed(["A cat sits on the mat.", "A kitten rests on a rug.", "Stock prices fell sharply."])
+    assert vectors.shape == (3, 384) and vectors.dtype == np.float32
+    assert real.dimension == 384 and real.max_tokens == 256
+    np.testing.assert_allclose(np.linalg.norm(vectors, axis=1), 1.0, rtol=1e-5)
+    assert vectors[0] @ vectors[1] > vectors[0] @ vectors[2] + 0.2
+
+
+@pytest.mark.slow
+def test_real_token_count_matches_the_models_tokenizer(real: SentenceTransformerEmbedder) -> None:
+    text = "Tokenization of ünïcode and numbers like 3.14159 is counted with special tokens."
+    ids = real.model.tokenizer(text)["input_ids"]
+    assert real.count_tokens(text) == len(ids)
+    assert real.count_tokens_many([text, "hi"]) == [len(ids), 3]
+
+
+@pytest.mark.slow
+def test_real_model_really_truncates_past_its_window(real: SentenceTransformerEmbedder) -> None:
+    # Why chunks must stay inside the window: words past 256 word-pieces change nothing.
+    head = " ".join(["alpha"] * 300)
+    a, b = real.embed([head + " completely different ending about volcanoes", head])
+    assert float(a @ b) == pytest.approx(1.0, abs=1e-5)

@@ -1,0 +1,143 @@
+"""The on-disk index: round trips, versioning, atomic generations, the writer's lock."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from rag.chunking import chunk_id
+from rag.errors import IndexLockedError, IndexMismatchError, IndexMissingError
+from rag.index import FileRecord, IndexParams, IndexStore, Snapshot, chunk_key
+from rag.types import Chunk
+from tests.fakes import FakeEmbedder
+
+PARAMS = IndexParams(
+    embedding_model="fake-bow", dimension=256, chunk_tokens=200, chunk_overlap=40, window=256, chunker="t"
+)
+
+
+def make_chunks(source: str, texts: list[str]) -> list[Chunk]:
+    chunks, offset = [], 0
+    for text in texts:
+        chunks.append(Chunk(chunk_id(source, None, offset, text), source, text, offset, offset + len(text)))
+        offset += len(text) + 2
+    return chunks
+
+
+def add_file(snapshot: Snapshot, source: str, texts: list[str]) -> list[Chunk]:
+    chunks = make_chunks(source, texts)
+    vectors = FakeEmbedder().embed(texts)
+    record = FileRecord(source, f"sha-{source}", 1, 1, tuple(c.id for c in chunks))
+    snapshot.put_file(record, chunks, vectors, texts)
+    return chunks
+
+
+def test_commit_and_load_round_trip(tmp_path: Path) -> None:
+    store = IndexStore(tmp_path / "index")
+    snapshot = Snapshot(params=PARAMS)
+    chunks = add_file(snapshot, "a.md", ["apples are red", "bananas are yellow"])
+    add_file(snapshot, "b.md", ["the sky is blue"])
+    store.commit(snapshot)
+
+    loaded = store.load(expected=PARAMS)
+    assert loaded.params == PARAMS
+    assert loaded.files == snapshot.files
+    assert loaded.chunks == snapshot.chunks
+    assert loaded.chunks_of("a.md") == chunks
+    key = chunk_key(chunks[1].id)
+    np.testing.assert_allclose(loaded.vector(key), snapshot.vector(key))
+    assert loaded.keyword.search("bananas", 5)[0][0] == key
+
+
+def test_drop_file_removes_vectors_keywords_and_chunks(tmp_path: Path) -> None:
+    snapshot = Snapshot(params=PARAMS)
+    add_file(snapshot, "a.md", ["apples are red"])
+    kept = add_file(snapshot, "b.md", ["bananas are yellow"])
+    snapshot.drop_file("a.md")
+    assert list(snapshot.files) == ["b.md"]
+    assert list(snapshot.chunks) == [chunk_key(kept[0].id)]
+    assert snapshot.vectors.ntotal == 1
+    assert snapshot.keyword.search("apples", 5) == []
+
+
+def test_missing_index_says_how_to_build_it(tmp_path: Path) -> None:
+    with pytest.raises(IndexMissingError, match="python -m rag index"):
+        IndexStore(tmp_path / "index").load()
+
+
+def test_other_parameters_are_a_mismatch(tmp_path: Path) -> None:
+    store = IndexStore(tmp_path / "index")
+    snapshot = Snapshot(params=PARAMS)
+    add_file(snapshot, "a.md", ["x y z"])
+    store.commit(snapshot)
+    other = IndexParams(**{**PARAMS.__dict__, "embedding_model": "other-model"})
+    with pytest.raises(IndexMismatchError, match="embedding_model changed from 'fake-bow' to 'other-model'"):
+        store.load(expected=other)
+
+
+def test_other_format_version_is_a_mismatch(tmp_path: Path) -> None:
+    store = IndexStore(tmp_path / "index")
+    store.commit(Snapshot(params=PARAMS))
+    manifest = store.root / store.current_generation() / "manifest.json"
+    data = json.loads(manifest.read_text())
+    data["format"] = "rag-index v0"
+    manifest.write_text(json.dumps(data))
+    with pytest.raises(IndexMismatchError, match="rag-index v0"):
+        store.load()
+
+
+def test_commit_keeps_two_generations_and_clears_leftovers(tmp_path: Path) -> None:
+    store = IndexStore(tmp_path / "index")
+    snapshot = Snapshot(params=PARAMS)
+    for i in range(4):
+        add_file(snapshot, f"f{i}.md", [f"text number {i}"])
+        store.commit(snapshot)
+    # What a writer killed mid-commit leaves behind:
+    (store.root / ".tmp-gen-000009-123").mkdir()
+    (store.root / ".tmp-gen-000009-123" / "chunks.jsonl").write_text("{half")
+    (store.root / ".CURRENT.tmp-123").write_text("gen-000009")
+    assert store.load().files.keys() == snapshot.files.keys()
+    store.collect_garbage()
+    assert sorted(p.name for p in store.root.iterdir() if p.name != "lock") == [
+        "CURRENT",
+        "gen-000003",
+        "gen-000004",
+    ]
+
+
+def test_a_generation_without_manifest_is_never_live(tmp_path: Path) -> None:
+    store = IndexStore(tmp_path / "index")
+    snapshot = Snapshot(params=PARAMS)
+    add_file(snapshot, "a.md", ["first version"])
+    store.commit(snapshot)
+    # A renamed-but-unpointed generation (killed between rename and pointer swap) is ignored.
+    (store.root / "gen-000002").mkdir()
+    loaded = store.load()
+    assert loaded.generation == "gen-000001"
+    snapshot2 = Snapshot(params=PARAMS)
+    add_file(snapshot2, "b.md", ["second"])
+    assert store.commit(snapshot2) == "gen-000003"
+    assert list(store.load().files) == ["b.md"]
+
+
+def test_lock_refuses_a_second_writer(tmp_path: Path) -> None:
+    store = IndexStore(tmp_path / "index")
+    with store.lock():
+        with pytest.raises(IndexLockedError, match="being updated by pid"):
+            with IndexStore(tmp_path / "index").lock():
+                pass
+    with store.lock():  # released
+        pass
+
+
+def test_chunk_id_collision_is_refused(tmp_path: Path) -> None:
+    snapshot = Snapshot(params=PARAMS)
+    chunks = make_chunks("a.md", ["same"])
+    twin = Chunk(chunks[0].id, "b.md", "same", 0, 4)
+    vectors = FakeEmbedder().embed(["same"])
+    snapshot.put_file(FileRecord("a.md", "s", 1, 1, (chunks[0].id,)), chunks, vectors, ["same"])
+    with pytest.raises(IndexMismatchError, match="collision"):
+        snapshot.put_file(FileRecord("b.md", "s", 1, 1, (twin.id,)), [twin], vectors, ["same"])
