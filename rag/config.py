@@ -48,7 +48,8 @@ class Settings:
     top_k: int = 5
     retrieval_mode: str = "hybrid"
     min_relevance: float = 0.25
-    hnsw_threshold: int = 50_000
+    # Past this many chunks an approximate (IVF) index answers dense searches.
+    ann_threshold: int = 50_000
     # Indexing: commit finished work at least this often, so a killed run loses little.
     checkpoint_seconds: float = 60.0
     # Chat endpoint (empty: discover Foundry Local, else start the embedded runtime).

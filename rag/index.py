@@ -4,6 +4,7 @@ Layout under the index directory::
 
     CURRENT            name of the live generation, replaced atomically (write temp, fsync, rename)
     gen-000042/        one complete index: manifest.json, vectors.faiss, keyword.npz, chunks.jsonl
+                       (and ann.faiss past the approximate-search threshold)
     lock               held (flock) by the one process allowed to write
 
 A writer builds a whole new generation in a temporary directory, renames it into place and
@@ -14,8 +15,12 @@ consistent snapshot without any coordination. The last two generations are kept,
 that has just read ``CURRENT`` can still open the one it names.
 
 Vectors are kept in an ``IndexIDMap2`` over exact inner-product search (unit vectors: cosine),
-keyed by a 63-bit integer taken from each chunk's id, so the chunks of one file can be removed
-without touching the rest.
+keyed by a 60-bit integer taken from each chunk's id, so the chunks of one file can be removed
+without touching the rest. Past ``RAG_HNSW_THRESHOLD``-style size (``ann_threshold``) an inverted-file
+index (IVF, ~sqrt(n) lists) is kept beside it to answer searches approximately: unlike HNSW it
+supports removing ids, so incremental updates never force a rebuild. The exact index stays the
+source of truth (vector lookups, similarity scores, re-training); ``bench/`` measures the IVF
+recall against it.
 """
 
 from __future__ import annotations
@@ -40,6 +45,7 @@ from rag.types import Chunk
 FORMAT = "rag-index v1"
 CURRENT = "CURRENT"
 KEEP_GENERATIONS = 2
+DEFAULT_NPROBE = 16
 
 
 def chunk_key(chunk_id: str) -> int:
@@ -94,6 +100,8 @@ class Snapshot:
     keyword: KeywordIndex = field(default_factory=KeywordIndex)
     generation: str | None = None
     updated_at: float = 0.0
+    ann: faiss.IndexIVFFlat | None = None
+    ann_trained_on: int = 0
 
     def __post_init__(self) -> None:
         if self.vectors is None:
@@ -121,6 +129,8 @@ class Snapshot:
             self.chunks.pop(key, None)
         assert self.vectors is not None
         self.vectors.remove_ids(np.asarray(keys, dtype=np.int64))
+        if self.ann is not None:
+            self.ann.remove_ids(np.asarray(keys, dtype=np.int64))
         self.keyword.remove(keys)
 
     def put_file(
@@ -138,8 +148,39 @@ class Snapshot:
         if len(chunks):
             assert self.vectors is not None
             self.vectors.add_with_ids(np.ascontiguousarray(vectors, dtype=np.float32), keys)
+            if self.ann is not None:
+                self.ann.add_with_ids(np.ascontiguousarray(vectors, dtype=np.float32), keys)
             self.keyword.add(keys.tolist(), list(texts))
         self.files[record.source] = record
+
+    def all_vectors(self) -> tuple[np.ndarray, np.ndarray]:
+        """Every vector and its key, in storage order."""
+        assert self.vectors is not None
+        flat = faiss.downcast_index(self.vectors.index)
+        return flat.reconstruct_n(0, flat.ntotal), faiss.vector_to_array(self.vectors.id_map)
+
+    def update_ann(self, threshold: int) -> None:
+        """Keep an approximate index when the exact one is past ``threshold`` vectors.
+
+        Trained on the current vectors with ~sqrt(n) lists; trained again when the index has
+        grown fourfold since, so the lists stay balanced. Below the threshold it is dropped.
+        """
+        n = len(self.chunks)
+        if n < max(threshold, 1):
+            self.ann, self.ann_trained_on = None, 0
+            return
+        if self.ann is not None and n <= 4 * self.ann_trained_on:
+            return
+        vectors, keys = self.all_vectors()
+        nlist = max(1, int(np.sqrt(n)))
+        quantizer = faiss.IndexFlatIP(self.params.dimension)
+        ann = faiss.IndexIVFFlat(quantizer, self.params.dimension, nlist, faiss.METRIC_INNER_PRODUCT)
+        ann.train(vectors)
+        ann.add_with_ids(vectors, keys)
+        ann.nprobe = DEFAULT_NPROBE
+        quantizer.this.disown()  # the IVF index owns (and frees) it from now on
+        ann.own_fields = True
+        self.ann, self.ann_trained_on = ann, n
 
 
 def _fsync_dir(path: Path) -> None:
@@ -260,6 +301,10 @@ class IndexStore:
                 chunks[key] = chunk
         vectors = faiss.read_index(str(folder / "vectors.faiss"))
         keyword = KeywordIndex.load(folder / "keyword.npz")
+        ann = None
+        if (folder / "ann.faiss").exists():
+            ann = faiss.read_index(str(folder / "ann.faiss"))
+            ann.nprobe = DEFAULT_NPROBE
         if vectors.ntotal != len(chunks) or len(keyword) != len(chunks):
             raise IndexMismatchError(
                 f"the index generation {folder} is inconsistent ({vectors.ntotal} vectors, "
@@ -273,6 +318,8 @@ class IndexStore:
             keyword=keyword,
             generation=generation,
             updated_at=float(manifest.get("updated_at", 0.0)),
+            ann=ann,
+            ann_trained_on=int(manifest.get("ann_trained_on", 0)),
         )
 
     # -- writing (only under the lock) --------------------------------------------------------
@@ -290,6 +337,7 @@ class IndexStore:
             "params": asdict(snapshot.params),
             "updated_at": updated_at,
             "chunk_count": len(snapshot.chunks),
+            "ann_trained_on": snapshot.ann_trained_on,
             "files": {
                 source: {
                     "sha256": rec.sha256,
@@ -304,6 +352,8 @@ class IndexStore:
         lines = "".join(_chunk_to_json(k, c) + "\n" for k, c in snapshot.chunks.items())
         _write_file(tmp / "chunks.jsonl", lines.encode("utf-8"))
         _write_file(tmp / "vectors.faiss", faiss.serialize_index(snapshot.vectors).tobytes())
+        if snapshot.ann is not None:
+            _write_file(tmp / "ann.faiss", faiss.serialize_index(snapshot.ann).tobytes())
         snapshot.keyword.save(tmp / "keyword.npz")
         with open(tmp / "keyword.npz", "rb+") as fh:
             os.fsync(fh.fileno())

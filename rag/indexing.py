@@ -254,6 +254,7 @@ def sync_index(
             if s in work.files
         )
         if changed or touched or store.current_generation() is None:
+            work.update_ann(settings.ann_threshold)
             store.commit(work, extra=_extra(skipped))
 
     return IndexReport(

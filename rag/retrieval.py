@@ -55,7 +55,7 @@ class Retriever:
         self.rrf_k = rrf_k
 
     def dense(self, query_vector: np.ndarray, n: int) -> list[tuple[int, float]]:
-        index = self.snapshot.vectors
+        index = self.snapshot.ann if self.snapshot.ann is not None else self.snapshot.vectors
         assert index is not None
         n = min(n, index.ntotal)
         if n == 0:

@@ -141,3 +141,27 @@ def test_chunk_id_collision_is_refused(tmp_path: Path) -> None:
     snapshot.put_file(FileRecord("a.md", "s", 1, 1, (chunks[0].id,)), chunks, vectors, ["same"])
     with pytest.raises(IndexMismatchError, match="collision"):
         snapshot.put_file(FileRecord("b.md", "s", 1, 1, (twin.id,)), [twin], vectors, ["same"])
+
+
+def test_approximate_index_past_the_threshold_follows_updates(tmp_path: Path) -> None:
+    snapshot = Snapshot(params=PARAMS)
+    for i in range(60):
+        add_file(snapshot, f"f{i}.md", [f"document {i} about topic{i % 7} and item{i}"])
+    snapshot.update_ann(threshold=100)
+    assert snapshot.ann is None  # below the threshold: exact search only
+    snapshot.update_ann(threshold=50)
+    assert snapshot.ann is not None and snapshot.ann.ntotal == 60
+    snapshot.drop_file("f3.md")
+    add_file(snapshot, "new.md", ["a brand new document"])
+    assert snapshot.ann.ntotal == snapshot.vectors.ntotal == 60
+
+    store = IndexStore(tmp_path / "index")
+    store.commit(snapshot)
+    loaded = store.load()
+    assert loaded.ann is not None and loaded.ann_trained_on == 60
+    # Probing every list makes the approximate search exact: the same neighbours.
+    loaded.ann.nprobe = loaded.ann.nlist
+    query = FakeEmbedder().embed(["document about topic3"])
+    approx_scores, approx = loaded.ann.search(query, 10)
+    exact_scores, exact = loaded.vectors.search(query, 10)
+    np.testing.assert_allclose(approx_scores, exact_scores, rtol=1e-5)  # ties may swap ids
