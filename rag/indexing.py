@@ -149,12 +149,15 @@ def sync_index(
 
         # Skipped files that were indexed before keep their old chunks (never lose data);
         # files that are gone from the folder are removed.
-        skipped_sources = {s.source for s in skipped}
+        # A skipped folder (unreadable, a loop) is reported with a trailing "/": its files stay.
         # Removal waits until after embedding, so a renamed file reuses its old vectors.
-        removed = sorted(s for s in work.files if s not in present and s not in skipped_sources)
-        for item in skipped:
-            if item.source in work.files:
-                notes.append(f"{item.source}: kept the previously indexed version")
+        skipped_files = {s.source for s in skipped if not s.source.endswith("/")}
+        skipped_dirs = tuple(s.source for s in skipped if s.source.endswith("/"))
+        kept = sorted(
+            s for s in work.files if s not in present and (s in skipped_files or s.startswith(skipped_dirs))
+        )
+        removed = sorted(s for s in work.files if s not in present and s not in kept)
+        notes.extend(f"{source}: kept the previously indexed version" for source in kept)
 
         pending: list[_Pending] = []
         to_read = []

@@ -208,3 +208,25 @@ def test_checkpoints_commit_finished_files_along_the_way(settings: Settings) -> 
     # One generation per checkpoint plus the final one; only the newest two are kept.
     assert store.current_generation() == "gen-000007"
     assert len(store.load().files) == 6
+
+
+def test_files_of_a_folder_that_turns_unreadable_are_kept(settings: Settings, monkeypatch: pytest.MonkeyPatch) -> None:
+    write(settings.corpus_dir, "private/secret.md", "# Secret\n\nNotes about lighthouses.\n")
+    write(settings.corpus_dir, "public.md", "# Public\n\nNotes about harbours.\n")
+    sync_index(settings, FakeEmbedder())
+    import rag.indexing as indexing
+    from rag.loaders import Scan
+    from rag.types import SkippedFile
+
+    real_scan = indexing.scan_corpus
+
+    def scan_without_private(*args, **kwargs):  # type: ignore[no-untyped-def]
+        scan = real_scan(*args, **kwargs)
+        files = tuple(f for f in scan.files if not f.source.startswith("private/"))
+        return Scan(files=files, skipped=(SkippedFile("private/", "permission denied"),), ignored=0)
+
+    monkeypatch.setattr(indexing, "scan_corpus", scan_without_private)
+    report = sync_index(settings, FakeEmbedder())
+    assert report.removed == ()
+    assert report.notes == ("private/secret.md: kept the previously indexed version",)
+    assert search(settings, FakeEmbedder(), "lighthouses", k=1) == ["private/secret.md"]
