@@ -13,8 +13,8 @@ boundary (``raise LoadError(...) from exc``) and the message says what to do abo
     ├── EmbeddingError         the embedding model could not be loaded or run
     ├── ModelBuildError        building the offline chat model failed
     └── EndpointError          base for the chat endpoint
-        ├── EndpointUnreachableError  connection refused / DNS / connect timeout
-        ├── EndpointTimeoutError      no first token, or too long between tokens
+        ├── EndpointUnreachableError  connection refused, unknown host
+        ├── EndpointTimeoutError      no connection in time, no first token, or too long between tokens
         ├── UnknownModelError         the endpoint does not serve the model asked for
         ├── ContextLengthError        the request does not fit the model's context window
         └── EndpointHTTPError         any other HTTP error, with the server's own message

@@ -1,0 +1,723 @@
+"""Chat: an async client for an OpenAI-compatible chat-completions endpoint.
+
+Written for Microsoft Foundry Local, whose streams have shipped quirks (a last chunk with
+empty ``choices``, no ``finish_reason``, non-standard fields), and which lists only *loaded*
+models under ids like ``Phi-4-mini-instruct-generic-cpu:5`` for the alias ``phi-4-mini``.
+
+Trade-offs:
+
+- The server-sent events are parsed here, not by a library: the parser splits lines only on
+  CR, LF and CRLF as the SSE spec says (``str.splitlines`` would also split on U+2028 and
+  friends, which a model may well emit inside a JSON string).
+- Three clocks instead of one read timeout: ``connect_timeout`` (httpx), ``first_token_timeout``
+  from sending the request to the first delta (a model may load first), and ``idle_timeout``
+  between deltas. Keep-alive comments do not reset the clocks: a server that only pings is stuck.
+- Connection failures are retried only before anything was received; once a delta has been
+  yielded a failure is raised, never replayed, so an answer is never shown twice.
+- Every failure surfaces as a ``rag.errors`` type whose message names the URL and the fix.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import codecs
+import json
+import re
+from collections.abc import AsyncGenerator, AsyncIterator, Iterable, Iterator, Sequence
+from contextlib import aclosing
+from dataclasses import dataclass
+from types import TracebackType
+from typing import Any, cast
+
+import httpx
+
+from rag.errors import (
+    ConfigError,
+    ContextLengthError,
+    EndpointError,
+    EndpointHTTPError,
+    EndpointTimeoutError,
+    EndpointUnreachableError,
+    UnknownModelError,
+)
+
+DEFAULT_CONNECT_TIMEOUT = 5.0
+DEFAULT_FIRST_TOKEN_TIMEOUT = 120.0
+DEFAULT_IDLE_TIMEOUT = 60.0
+DEFAULT_CONNECT_RETRIES = 2
+DEFAULT_RETRY_BACKOFF = 0.5
+DONE = "[DONE]"
+
+START_HINT = (
+    "Start Foundry Local (`foundry model run phi-4-mini`, then set RAG_BASE_URL to the URL "
+    "`foundry service status` prints) or leave RAG_BASE_URL empty to use the embedded runtime "
+    "(`python -m rag serve`)"
+)
+NO_MODELS_HINT = (
+    "the endpoint lists no loaded models (Foundry Local lists loaded models only: "
+    "run `foundry model run <alias>` first)"
+)
+_CONTEXT_LENGTH = re.compile(r"context length|context window|maximum context|too long|exceeds", re.I)
+# Words after the alias in a Foundry Local id that only name a build of the same model.
+_VARIANT_WORDS = frozenset(
+    "instruct it chat generic cpu gpu cuda npu qnn openvino vitis dml directml webgpu trt rtx "
+    "trtrtx onnx int4 int8 fp16 fp32 bf16 q4 q8 awq gptq rtn block acc level".split()
+)
+_LOOPBACK = frozenset({"localhost", "127.0.0.1", "::1"})
+# Retried before a response: the server never saw the request, or dropped it unanswered.
+_RETRYABLE = (httpx.ConnectError, httpx.ConnectTimeout, httpx.RemoteProtocolError)
+
+
+@dataclass(frozen=True)
+class Message:
+    role: str
+    content: str
+
+
+@dataclass(frozen=True)
+class ChatDelta:
+    """A piece of the answer's text, in order."""
+
+    text: str
+
+
+@dataclass(frozen=True)
+class ChatDone:
+    """The end of an answer: the last item of every stream.
+
+    ``finish_reason`` is ``None`` when the server never said (a Foundry Local quirk).
+    """
+
+    finish_reason: str | None
+    usage: dict[str, int] | None
+    model: str | None
+
+
+ChatEvent = ChatDelta | ChatDone
+
+
+# --- Server-sent events: pure parsing -------------------------------------------------------
+
+
+class _LineSplitter:
+    """Incremental SSE line splitting: CRLF, LF or CR end a line, nothing else does."""
+
+    def __init__(self) -> None:
+        self._buffer = ""
+
+    def feed(self, text: str) -> list[str]:
+        self._buffer += text
+        # A trailing CR may be the first half of a CRLF: wait for the next chunk.
+        cut = len(self._buffer) - 1 if self._buffer.endswith("\r") else len(self._buffer)
+        head, self._buffer = self._buffer[:cut], self._buffer[cut:]
+        lines = re.split(r"\r\n|\r|\n", head)
+        self._buffer = lines.pop() + self._buffer
+        return lines
+
+    def flush(self) -> list[str]:
+        rest, self._buffer = self._buffer.rstrip("\r"), ""
+        return [rest] if rest else []
+
+
+class _EventBuilder:
+    """Collects ``data:`` lines until a blank line ends the event; ignores comments and
+    the other SSE fields (``event:``, ``id:``, ``retry:``)."""
+
+    def __init__(self) -> None:
+        self._data: list[str] = []
+
+    def feed_line(self, line: str) -> str | None:
+        if not line:
+            return self.flush()
+        if line.startswith(":"):
+            return None  # keep-alive comment, e.g. ": ping"
+        name, _, value = line.partition(":")
+        if name == "data":
+            self._data.append(value[1:] if value.startswith(" ") else value)
+        return None
+
+    def flush(self) -> str | None:
+        if not self._data:
+            return None
+        payload, self._data = "\n".join(self._data), []
+        return payload
+
+
+def decode_payload(payload: str) -> list[dict[str, Any] | str]:
+    """One event's data -> JSON objects, or ``"[DONE]"``.
+
+    An event whose ``data:`` lines are each a whole JSON object (a server that forgot the
+    blank lines between events) gives one object per line.
+
+    >>> decode_payload('{"a": 1}\\n{"a": 2}')
+    [{'a': 1}, {'a': 2}]
+    """
+    if payload.strip() == DONE:
+        return [DONE]
+    try:
+        return [_as_object(json.loads(payload))]
+    except json.JSONDecodeError:
+        pass
+    out: list[dict[str, Any] | str] = []
+    for line in payload.split("\n"):
+        if not line.strip():
+            continue
+        if line.strip() == DONE:
+            out.append(DONE)
+            continue
+        try:
+            out.append(_as_object(json.loads(line)))
+        except json.JSONDecodeError as exc:
+            raise ValueError(f"a stream event is not JSON: {payload[:200]!r}") from exc
+    return out
+
+
+def _as_object(value: Any) -> dict[str, Any]:
+    return value if isinstance(value, dict) else {}
+
+
+def parse_sse_lines(lines: Iterable[str]) -> Iterator[dict[str, Any] | str]:
+    """SSE lines -> each event's JSON object, or ``"[DONE]"``; comments and blanks skipped.
+
+    >>> list(parse_sse_lines([": ping", 'data:{"x": 1}', "", "data: [DONE]", ""]))
+    [{'x': 1}, '[DONE]']
+    """
+    builder = _EventBuilder()
+    for line in lines:
+        payload = builder.feed_line(line.rstrip("\r"))
+        if payload is not None:
+            yield from decode_payload(payload)
+    payload = builder.flush()  # the stream closed without a final blank line
+    if payload is not None:
+        yield from decode_payload(payload)
+
+
+# --- Chunks and errors: pure interpretation -------------------------------------------------
+
+
+def _first_choice(body: dict[str, Any]) -> dict[str, Any]:
+    choices = body.get("choices")
+    if not isinstance(choices, list):
+        return {}
+    for choice in choices:
+        if isinstance(choice, dict) and choice.get("index", 0) == 0:
+            return choice
+    return {}
+
+
+def _choice_text(choice: dict[str, Any]) -> str:
+    """Text of a choice, whether the server put it in ``delta``, ``message`` or ``text``."""
+    for key in ("delta", "message"):
+        part = choice.get(key)
+        if isinstance(part, dict) and isinstance(part.get("content"), str):
+            return str(part["content"])
+    text = choice.get("text")
+    return text if isinstance(text, str) else ""
+
+
+def _usage(value: Any) -> dict[str, int] | None:
+    if not isinstance(value, dict):
+        return None
+    return {k: v for k, v in value.items() if isinstance(v, int) and not isinstance(v, bool)}
+
+
+def error_message(body: bytes | str, *, limit: int = 500) -> str:
+    """The server's own message from an error body: OpenAI JSON, or the text truncated.
+
+    >>> error_message(b'{"error": {"message": "boom", "type": "server_error"}}')
+    'boom'
+    """
+    text = body.decode("utf-8", "replace") if isinstance(body, bytes) else body
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError:
+        data = None
+    if isinstance(data, dict):
+        for candidate in (data.get("error"), data):
+            if isinstance(candidate, str) and candidate.strip():
+                return candidate.strip()
+            if isinstance(candidate, dict):
+                for key in ("message", "detail", "error"):
+                    if isinstance(candidate.get(key), str) and candidate[key].strip():
+                        return str(candidate[key]).strip()
+    text = " ".join(text.split())
+    return text if len(text) <= limit else text[: limit - 1] + "…"
+
+
+def is_context_length_message(message: str) -> bool:
+    """Whether a server's error message says the request did not fit the context window.
+
+    >>> is_context_length_message("This model's maximum context length is 4096 tokens")
+    True
+    """
+    return bool(_CONTEXT_LENGTH.search(message))
+
+
+class _Answer:
+    """What a stream has said so far: the last finish_reason, usage and model seen."""
+
+    def __init__(self) -> None:
+        self.finish_reason: str | None = None
+        self.usage: dict[str, int] | None = None
+        self.model: str | None = None
+        self.started = False  # a delta was received
+        self.ended = False  # [DONE] was received
+
+    def take(self, event: dict[str, Any] | str) -> str:
+        """Record one event; returns its text (often empty)."""
+        if event == DONE or not isinstance(event, dict):
+            self.ended = self.ended or event == DONE
+            return ""
+        if isinstance(event.get("model"), str) and event["model"]:
+            self.model = event["model"]
+        self.usage = _usage(event.get("usage")) or self.usage
+        choice = _first_choice(event)
+        if isinstance(choice.get("finish_reason"), str) and choice["finish_reason"]:
+            self.finish_reason = choice["finish_reason"]
+        text = _choice_text(choice)
+        self.started = self.started or bool(text)
+        return text
+
+    def done(self) -> ChatDone:
+        return ChatDone(finish_reason=self.finish_reason, usage=self.usage, model=self.model)
+
+
+# --- Model ids ------------------------------------------------------------------------------
+
+
+def _words(name: str) -> list[str]:
+    return [w for w in re.split(r"[-_.\s]+", name.lower()) if w]
+
+
+def _split_version(model_id: str) -> tuple[str, int]:
+    base, sep, version = model_id.rpartition(":")
+    if sep and version.isdigit():
+        return base, int(version)
+    return model_id, -1
+
+
+def pick_model(name: str, available: Sequence[str]) -> str | None:
+    """The id ``name`` stands for: the id itself, or the best variant of an alias.
+
+    Variants whose extra words only name a build (``instruct-generic-cpu``) beat other models
+    that merely share the prefix (``phi-4-mini-reasoning``); then CPU builds; then the
+    highest version.
+
+    >>> pick_model("phi-4-mini", ["Phi-4-mini-instruct-generic-gpu:5",
+    ...     "Phi-4-mini-instruct-generic-cpu:4", "Phi-4-mini-instruct-generic-cpu:5"])
+    'Phi-4-mini-instruct-generic-cpu:5'
+    """
+    if name in available:
+        return name
+    folded = [m for m in available if m.casefold() == name.casefold()]
+    if folded:
+        return folded[0]
+    alias = _words(_split_version(name)[0])
+    if not alias:
+        return None
+    candidates = []
+    for model_id in available:
+        base, version = _split_version(model_id)
+        words = _words(base)
+        if words[: len(alias)] != alias:
+            continue
+        extra = words[len(alias) :]
+        clean = all(w in _VARIANT_WORDS for w in extra)
+        candidates.append((clean, "cpu" in extra, version, -len(extra), model_id))
+    if not candidates:
+        return None
+    # max() keeps the first of equals: sort by id so ties resolve the same way every time.
+    return max(sorted(candidates, key=lambda c: c[-1]), key=lambda c: c[:-1])[-1]
+
+
+# --- The client -----------------------------------------------------------------------------
+
+
+def _normalise_base_url(base_url: str) -> str:
+    """``http://h:1/v1/`` -> ``http://h:1``: requests then go to ``{root}/v1/...``."""
+    url = base_url.strip()
+    if "://" not in url:
+        url = "http://" + url
+    scheme = url.split("://", 1)[0].lower()
+    if scheme not in ("http", "https"):
+        raise ConfigError(f"RAG_BASE_URL={base_url!r} must start with http:// or https://")
+    url = url.rstrip("/")
+    return url[: -len("/v1")] if url.endswith("/v1") else url
+
+
+class ChatClient:
+    """Talks to ``{root}/v1/chat/completions``; owns its httpx client unless one is given.
+
+    Use as ``async with ChatClient(url) as chat: ...`` or call ``aclose()``.
+    """
+
+    def __init__(
+        self,
+        base_url: str,
+        *,
+        api_key: str = "",
+        client: httpx.AsyncClient | None = None,
+        connect_timeout: float = DEFAULT_CONNECT_TIMEOUT,
+        first_token_timeout: float = DEFAULT_FIRST_TOKEN_TIMEOUT,
+        idle_timeout: float = DEFAULT_IDLE_TIMEOUT,
+        connect_retries: int = DEFAULT_CONNECT_RETRIES,
+        retry_backoff: float = DEFAULT_RETRY_BACKOFF,
+    ) -> None:
+        self.root = _normalise_base_url(base_url)
+        self.api_key = api_key
+        self.connect_timeout = connect_timeout
+        self.first_token_timeout = first_token_timeout
+        self.idle_timeout = idle_timeout
+        self.connect_retries = max(0, connect_retries)
+        self.retry_backoff = retry_backoff
+        self._owns_client = client is None
+        # A proxy from HTTP_PROXY would intercept requests meant for this machine.
+        local = httpx.URL(self.root).host in _LOOPBACK
+        self._client = client if client is not None else httpx.AsyncClient(trust_env=not local)
+
+    @property
+    def chat_url(self) -> str:
+        return f"{self.root}/v1/chat/completions"
+
+    @property
+    def models_url(self) -> str:
+        return f"{self.root}/v1/models"
+
+    async def aclose(self) -> None:
+        if self._owns_client:
+            await self._client.aclose()
+
+    async def __aenter__(self) -> ChatClient:
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.aclose()
+
+    # -- models --
+
+    async def list_models(self) -> list[str]:
+        """Ids the endpoint serves now (Foundry Local: the loaded ones)."""
+        request = self._client.build_request("GET", self.models_url, headers=self._headers())
+        loop = asyncio.get_running_loop()
+        response = await self._send(request, deadline=loop.time() + self.first_token_timeout)
+        try:
+            body = await self._read_before(response, loop.time() + self.first_token_timeout)
+        finally:
+            await response.aclose()
+        try:
+            data = json.loads(body)
+        except json.JSONDecodeError as exc:
+            raise EndpointHTTPError(
+                f"{self.models_url} did not answer with JSON: is RAG_BASE_URL an OpenAI-compatible "
+                f"endpoint? It answered: {error_message(body, limit=200)}",
+                url=self.models_url,
+                status=response.status_code,
+            ) from exc
+        entries = data.get("data", []) if isinstance(data, dict) else data
+        if not isinstance(entries, list):
+            return []
+        return [str(e["id"]) for e in entries if isinstance(e, dict) and e.get("id")]
+
+    async def resolve_model(self, name: str) -> str:
+        """The full id to send for ``name``: an id the endpoint lists, or an alias of one."""
+        available = await self.list_models()
+        if not name and len(available) == 1:
+            return available[0]
+        picked = pick_model(name, available) if name else None
+        if picked is None:
+            raise self._unknown_model(name, tuple(available))
+        return picked
+
+    def _unknown_model(
+        self, name: str, available: tuple[str, ...], *, said: str = "", listed: bool = True
+    ) -> UnknownModelError:
+        asked = f"model {name!r}" if name else "a model (RAG_MODEL is empty)"
+        server = f" (it said: {said})" if said else ""
+        if not listed:
+            offer = "and listing its models failed too"
+        elif available:
+            offer = "it offers: " + ", ".join(available) + ". Set RAG_MODEL to one of them"
+        else:
+            offer = NO_MODELS_HINT
+        return UnknownModelError(
+            f"{self.root} does not serve {asked}{server}; {offer}",
+            url=self.chat_url,
+            available=available,
+        )
+
+    # -- chat --
+
+    def _body(
+        self,
+        messages: Sequence[Message],
+        *,
+        model: str,
+        stream: bool,
+        temperature: float | None,
+        max_tokens: int | None,
+        extra: dict[str, Any],
+    ) -> dict[str, Any]:
+        body: dict[str, Any] = dict(extra)
+        body["model"] = model
+        body["messages"] = [{"role": m.role, "content": m.content} for m in messages]
+        body["stream"] = stream
+        if stream:
+            body["stream_options"] = {"include_usage": True}
+        if temperature is not None:
+            body["temperature"] = temperature
+        if max_tokens is not None:
+            body["max_tokens"] = max_tokens
+        return body
+
+    async def stream(
+        self,
+        messages: Sequence[Message],
+        *,
+        model: str,
+        temperature: float | None = None,
+        max_tokens: int | None = None,
+        **extra: Any,
+    ) -> AsyncIterator[ChatEvent]:
+        """Yield ``ChatDelta``s as they arrive, then exactly one ``ChatDone``.
+
+        Closing the generator (``aclose()``, ``break`` inside ``aclosing``, a cancelled task)
+        closes the HTTP response, which tells the server to stop generating.
+        """
+        body = self._body(
+            messages, model=model, stream=True, temperature=temperature,
+            max_tokens=max_tokens, extra=extra,
+        )  # fmt: skip
+        url = self.chat_url
+        headers = {**self._headers(), "Accept": "text/event-stream"}
+        request = self._client.build_request("POST", url, json=body, headers=headers)
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.first_token_timeout
+        response = await self._send(request, deadline=deadline, model=model)
+        try:
+            if response.headers.get("content-type", "").startswith("application/json"):
+                # A server that ignored "stream": true answered in one piece.
+                text, done = self._parse_completion(await self._read_before(response, deadline))
+                if text:
+                    yield ChatDelta(text)
+                yield done
+                return
+            answer = _Answer()
+            splitter, builder = _LineSplitter(), _EventBuilder()
+            utf8 = codecs.getincrementaldecoder("utf-8")(errors="replace")
+            raw_chunks = cast(AsyncGenerator[bytes, None], response.aiter_bytes())
+            async with aclosing(raw_chunks) as chunks:
+                closed = False
+                while not (answer.ended or closed):
+                    try:
+                        async with asyncio.timeout_at(deadline):
+                            chunk = await anext(chunks)
+                        lines = splitter.feed(utf8.decode(chunk))
+                    except StopAsyncIteration:
+                        # Flush whatever the server left unterminated, then end the last event.
+                        lines = [*splitter.feed(utf8.decode(b"", final=True)), *splitter.flush(), ""]
+                        closed = True
+                    except TimeoutError:
+                        raise self._stream_timeout(answer.started) from None
+                    except httpx.HTTPError as exc:
+                        raise self._broken(exc, answer.started) from exc
+                    for event in self._events(lines, builder, response.status_code):
+                        text = answer.take(event)
+                        if text:
+                            yield ChatDelta(text)
+                            deadline = loop.time() + self.idle_timeout
+                        if answer.ended:
+                            break
+            yield answer.done()
+        finally:
+            await response.aclose()
+
+    def _events(
+        self, lines: list[str], builder: _EventBuilder, status: int
+    ) -> Iterator[dict[str, Any] | str]:
+        """The decoded events these lines complete; raises on an error event or garbage."""
+        for line in lines:
+            payload = builder.feed_line(line)
+            if payload is None:
+                continue
+            try:
+                events = decode_payload(payload)
+            except ValueError as exc:
+                raise EndpointHTTPError(
+                    f"{self.chat_url} sent {exc}", url=self.chat_url, status=status
+                ) from exc
+            for event in events:
+                if isinstance(event, dict):
+                    self._raise_stream_error(event, status)
+                yield event
+
+    async def complete(
+        self,
+        messages: Sequence[Message],
+        *,
+        model: str,
+        temperature: float | None = None,
+        max_tokens: int | None = None,
+        **extra: Any,
+    ) -> tuple[str, ChatDone]:
+        """The whole answer in one response (``stream: false``).
+
+        The answer must arrive within ``first_token_timeout`` of sending the request.
+        """
+        body = self._body(
+            messages, model=model, stream=False, temperature=temperature,
+            max_tokens=max_tokens, extra=extra,
+        )  # fmt: skip
+        request = self._client.build_request("POST", self.chat_url, json=body, headers=self._headers())
+        deadline = asyncio.get_running_loop().time() + self.first_token_timeout
+        response = await self._send(request, deadline=deadline, model=model)
+        try:
+            raw = await self._read_before(response, deadline)
+        finally:
+            await response.aclose()
+        return self._parse_completion(raw, status=response.status_code)
+
+    def _parse_completion(self, raw: bytes, *, status: int = 200) -> tuple[str, ChatDone]:
+        try:
+            data = _as_object(json.loads(raw))
+        except json.JSONDecodeError as exc:
+            raise EndpointHTTPError(
+                f"{self.chat_url} answered with something that is not JSON: "
+                f"{error_message(raw, limit=200)}",
+                url=self.chat_url,
+                status=status,
+            ) from exc
+        self._raise_stream_error(data, status)
+        choice = _first_choice(data)
+        done = ChatDone(
+            finish_reason=choice.get("finish_reason") or None,
+            usage=_usage(data.get("usage")),
+            model=data.get("model") or None,
+        )
+        return _choice_text(choice), done
+
+    # -- transport --
+
+    def _headers(self) -> dict[str, str]:
+        return {"Authorization": f"Bearer {self.api_key}"} if self.api_key else {}
+
+    def _timeout(self) -> httpx.Timeout:
+        # Reads are timed by our own clocks (first token, idle), not by httpx.
+        return httpx.Timeout(self.connect_timeout, read=None, write=self.connect_timeout)
+
+    async def _send(
+        self, request: httpx.Request, *, deadline: float, model: str | None = None
+    ) -> httpx.Response:
+        """Send with retries on connection failures; raise on an HTTP error status."""
+        request.extensions["timeout"] = self._timeout().as_dict()
+        url = str(request.url)
+        attempts = self.connect_retries + 1
+        for attempt in range(1, attempts + 1):
+            try:
+                async with asyncio.timeout_at(deadline):
+                    response = await self._client.send(request, stream=True)
+                break
+            except TimeoutError:
+                raise self._stream_timeout(False, url=url) from None
+            except _RETRYABLE as exc:
+                if attempt == attempts:
+                    raise self._unreachable(exc, url, attempts) from exc
+                await asyncio.sleep(self.retry_backoff * 2 ** (attempt - 1))
+            except httpx.HTTPError as exc:
+                raise self._unreachable(exc, url, attempt) from exc
+        if response.status_code >= 400:
+            try:
+                raw = await self._read_before(response, deadline)
+            finally:
+                await response.aclose()
+            raise await self._http_error(response.status_code, raw, url, model)
+        return response
+
+    async def _read_before(self, response: httpx.Response, deadline: float) -> bytes:
+        try:
+            async with asyncio.timeout_at(deadline):
+                return await response.aread()
+        except TimeoutError:
+            raise self._stream_timeout(False, url=str(response.request.url)) from None
+        except httpx.HTTPError as exc:
+            raise self._broken(exc, False, url=str(response.request.url)) from exc
+
+    async def _http_error(
+        self, status: int, raw: bytes, url: str, model: str | None
+    ) -> EndpointError:
+        said = error_message(raw)
+        if status in (400, 413) and is_context_length_message(said):
+            return self._context_error(said)
+        if model is not None and (status == 404 or status == 400) and "model" in said.lower():
+            try:
+                available, listed = tuple(await self.list_models()), True
+            except EndpointError:
+                available, listed = (), False
+            return self._unknown_model(model, available, said=said, listed=listed)
+        hint = ""
+        if status == 404:
+            hint = f" (is RAG_BASE_URL right? requests go to {url})"
+        elif status in (401, 403):
+            hint = " (check RAG_API_KEY)"
+        return EndpointHTTPError(
+            f"{url} answered HTTP {status}: {said or '(no message)'}{hint}", url=url, status=status
+        )
+
+    def _context_error(self, said: str) -> ContextLengthError:
+        return ContextLengthError(
+            f"the request does not fit the model's context window ({self.chat_url} said: {said}); "
+            "lower RAG_TOP_K or RAG_MAX_ANSWER_TOKENS, or ask a shorter question",
+            url=self.chat_url,
+        )
+
+    def _raise_stream_error(self, event: dict[str, Any], status: int) -> None:
+        error = event.get("error")
+        if not error:
+            return
+        said = error_message(json.dumps({"error": error}))
+        if is_context_length_message(said):
+            raise self._context_error(said)
+        code = error.get("code") if isinstance(error, dict) else None
+        raise EndpointHTTPError(
+            f"{self.chat_url} reported an error: {said}",
+            url=self.chat_url,
+            status=code if isinstance(code, int) else status,
+        )
+
+    def _unreachable(self, exc: Exception, url: str, attempts: int) -> EndpointError:
+        tries = f" ({attempts} attempts)" if attempts > 1 else ""
+        if isinstance(exc, httpx.TimeoutException):
+            return EndpointTimeoutError(
+                f"could not connect to {url} within {self.connect_timeout:g} s{tries}; "
+                f"raise RAG_CONNECT_TIMEOUT if the machine is slow. {START_HINT}",
+                url=url,
+            )
+        return EndpointUnreachableError(
+            f"nothing answers at {url}{tries}: {str(exc) or type(exc).__name__}. {START_HINT}",
+            url=url,
+        )
+
+    def _stream_timeout(self, got_delta: bool, *, url: str | None = None) -> EndpointTimeoutError:
+        url = url or self.chat_url
+        if got_delta:
+            return EndpointTimeoutError(
+                f"{url} sent nothing for {self.idle_timeout:g} s in the middle of an answer "
+                "(idle timeout); raise RAG_IDLE_TIMEOUT if the model is slow",
+                url=url,
+            )
+        return EndpointTimeoutError(
+            f"{url} gave no answer within {self.first_token_timeout:g} s of the request "
+            "(first-token timeout); the model may still be loading: raise RAG_FIRST_TOKEN_TIMEOUT",
+            url=url,
+        )
+
+    def _broken(self, exc: Exception, got_delta: bool, *, url: str | None = None) -> EndpointError:
+        url = url or self.chat_url
+        when = "in the middle of an answer (it is incomplete)" if got_delta else "before answering"
+        return EndpointError(
+            f"the connection to {url} broke {when}: {str(exc) or type(exc).__name__}", url=url
+        )
