@@ -153,10 +153,11 @@ class KeywordIndex:
     def search(self, query: str, k: int) -> list[tuple[int, float]]:
         """The ``k`` best ``(id, score)`` pairs, best first, ties by id; only scores > 0."""
         with self._lock:
+            # Compaction renumbers terms: it must come before the query is mapped to term ids.
+            self._maybe_compact()
             query_terms = Counter(self._vocab[t] for t in tokenize(query) if t in self._vocab)
             if k <= 0 or not query_terms or not self._row_of:
                 return []
-            self._maybe_compact()
             scores = np.zeros(len(self._ids), np.float64)
             for term, query_tf in query_terms.items():
                 rows, term_scores = self._term_scores(term)

@@ -224,3 +224,13 @@ def test_load_rejects_a_damaged_index(tmp_path: Path) -> None:
         np.savez(file, **arrays)
     with pytest.raises(IndexMismatchError, match="damaged"):
         KeywordIndex.load(path)
+
+
+def test_search_after_a_removal_that_drops_terms_matches_only_live_documents() -> None:
+    # Regression: compaction renumbers terms, and used to do so after the query was mapped.
+    index = KeywordIndex()
+    index.add([1, 2], ["apples are red", "bananas are yellow"])
+    assert [key for key, _ in index.search("apples", 5)] == [1]
+    index.remove([1])
+    assert index.search("apples", 5) == []
+    assert [key for key, _ in index.search("bananas", 5)] == [2]
