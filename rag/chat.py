@@ -402,6 +402,10 @@ class ChatClient:
 
     async def list_models(self) -> list[str]:
         """Ids the endpoint serves now (Foundry Local: the loaded ones)."""
+        return [str(card["id"]) for card in await self.model_cards()]
+
+    async def model_cards(self) -> list[dict[str, Any]]:
+        """The entries of ``/v1/models`` as sent (ours add ``context_length``)."""
         request = self._client.build_request("GET", self.models_url, headers=self._headers())
         loop = asyncio.get_running_loop()
         response = await self._send(request, deadline=loop.time() + self.first_token_timeout)
@@ -421,7 +425,7 @@ class ChatClient:
         entries = data.get("data", []) if isinstance(data, dict) else data
         if not isinstance(entries, list):
             return []
-        return [str(e["id"]) for e in entries if isinstance(e, dict) and e.get("id")]
+        return [e for e in entries if isinstance(e, dict) and e.get("id")]
 
     async def resolve_model(self, name: str) -> str:
         """The full id to send for ``name``: an id the endpoint lists, or an alias of one."""

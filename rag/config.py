@@ -60,6 +60,8 @@ class Settings:
     first_token_timeout: float = 120.0
     idle_timeout: float = 60.0
     connect_retries: int = 2
+    # Used when the endpoint does not say (ours does; Foundry Local's service does not).
+    context_window: int = 4096
     max_answer_tokens: int = 512
     temperature: float = 0.2
 
