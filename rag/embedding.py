@@ -107,7 +107,9 @@ class SentenceTransformerEmbedder(Embedder):
                 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
                 try:
                     from sentence_transformers import SentenceTransformer
+                    from transformers.utils import logging as hf_logging
 
+                    hf_logging.disable_progress_bar()  # "Loading weights" bars are noise to users
                     model = SentenceTransformer(self._path, device="cpu")
                 except Exception as exc:
                     raise EmbeddingError(
