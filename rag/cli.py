@@ -10,6 +10,7 @@ import argparse
 import datetime as dt
 import sys
 import textwrap
+import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
@@ -152,6 +153,35 @@ def cmd_eval(args: argparse.Namespace, settings: Settings) -> int:
     return 0
 
 
+@command("serve")
+def cmd_serve(args: argparse.Namespace, settings: Settings) -> int:
+    import logging
+
+    from rag.server import serve
+
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    serve(settings, host=args.host, port=args.port, model_dirs=args.model_dir)
+    return 0
+
+
+@command("model")
+def cmd_model(args: argparse.Namespace, settings: Settings) -> int:
+    from rag.modelbuild import DEFAULT_MODEL, build_model, is_built
+
+    if args.action == "needed":
+        # For `make run`: exit 0 when the offline model must be built (no endpoint configured).
+        return 0 if not settings.base_url and not is_built(settings.models_dir / (settings.model or DEFAULT_MODEL)) else 1
+    if args.action == "list":
+        found = sorted(d.name for d in settings.models_dir.glob("*") if is_built(d)) if settings.models_dir.is_dir() else []
+        print("\n".join(found) if found else "no model built yet: run `python -m rag model build`")
+        return 0
+    started = time.perf_counter()
+    for name in args.names or [DEFAULT_MODEL]:
+        path = build_model(name, settings.models_dir, force=args.force)
+        print(f"{name}: {path} ready ({time.perf_counter() - started:.0f} s)")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m rag", description="Chat with your documents, locally.")
     parser.add_argument("--corpus", type=Path, help="documents folder (RAG_CORPUS_DIR, default docs_corpus)")
@@ -170,6 +200,16 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("status", help="what is indexed")
     p.add_argument("--files", action="store_true", help="list every indexed file")
+
+    p = sub.add_parser("serve", help="serve the local model over an OpenAI-compatible API (Foundry Local runtime)")
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=0, help="0 picks a free port and prints it")
+    p.add_argument("--model-dir", action="append", help="an ONNX GenAI model folder (default: every built model)")
+
+    p = sub.add_parser("model", help="build the offline chat models")
+    p.add_argument("action", choices=("build", "list", "needed"))
+    p.add_argument("names", nargs="*", help="smollm2-135m (default), gemma3-270m")
+    p.add_argument("--force", action="store_true", help="rebuild even when already built")
 
     p = sub.add_parser("eval", help="evaluate retrieval on a BEIR-format dataset")
     p.add_argument("dataset", help="folder with corpus.jsonl, queries.jsonl, qrels/test.tsv")

@@ -1,0 +1,655 @@
+"""``python -m rag serve``: the embedded Foundry Local runtime behind an OpenAI-compatible API.
+
+Routes (loopback only by default)::
+
+    GET  /health                 {"status": "ok", "models": [...], "queued": n}
+    GET  /v1/models              OpenAI list shape
+    POST /v1/chat/completions    stream (SSE, ``data: [DONE]``) or one JSON answer
+
+So the app talks to this server exactly as it talks to a Foundry Local service or any other
+OpenAI-compatible endpoint: one client, one code path.
+
+Trade-offs:
+
+- Standard library ``ThreadingHTTPServer``: no new dependency, and a few local clients is
+  all it must serve. A thread per connection; generations are serialised through a FIFO
+  lock (the runtime runs one at a time), so queued clients wait (their wait counts against
+  their own first-token timeout) and no two streams interleave.
+- A client that goes away stops its generation: checked while it waits and between tokens.
+- Streams follow OpenAI's shape, without the quirks Foundry Local's service has shipped:
+  every stream ends with a chunk carrying ``finish_reason``, a usage chunk only when
+  ``stream_options.include_usage`` asks for it, then ``data: [DONE]``.
+- The prompt is measured (the SDK's preflight) before any byte is sent, so a too-long
+  prompt gets a proper 400 ``context_length_exceeded`` instead of a broken stream.
+- ``<data_dir>/serve.json`` (pid, url, models) lets other processes find and reuse a
+  running server (``find_running``) instead of loading the model a second time.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import http.client
+import json
+import logging
+import os
+import select
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+import uuid
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit
+
+from rag.config import Settings, load_settings
+from rag.errors import (
+    ContextLengthError,
+    EndpointError,
+    EndpointTimeoutError,
+    ModelBuildError,
+    RagError,
+    UnknownModelError,
+)
+from rag.modelbuild import DEFAULT_MODEL, is_built
+from rag.runtime import ROLES, ChatRuntime, ChatStream
+
+log = logging.getLogger("rag.server")
+
+DEFAULT_HOST = "127.0.0.1"
+STATE_FILE = "serve.json"
+MAX_BODY_BYTES = 16 * 1024 * 1024
+OWNED_BY = "rag (Foundry Local runtime)"
+
+
+# -- request validation (pure) ---------------------------------------------------------------
+
+
+class APIError(Exception):
+    """An error answered with OpenAI's shape: ``{"error": {"message", "type", "param", "code"}}``."""
+
+    def __init__(
+        self, status: int, message: str, *, type_: str = "invalid_request_error", param: str | None = None,
+        code: str | None = None,
+    ) -> None:  # fmt: skip
+        super().__init__(message)
+        self.status = status
+        self.message = message
+        self.type = type_
+        self.param = param
+        self.code = code
+
+    def body(self) -> dict[str, Any]:
+        return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
+
+
+@dataclass(frozen=True)
+class ChatRequest:
+    model: str
+    messages: list[dict[str, str]]
+    stream: bool = False
+    include_usage: bool = False
+    max_tokens: int | None = None
+    temperature: float | None = None
+
+
+def resolve_model(name: str, available: Sequence[str]) -> str | None:
+    """Exact id, else the one id whose name (before ``:version``) matches.
+
+    >>> resolve_model("smollm2-135m", ["smollm2-135m:1"]), resolve_model("x", ["smollm2-135m:1"])
+    ('smollm2-135m:1', None)
+    """
+    if name in available:
+        return name
+    matches = [model_id for model_id in available if model_id.split(":", 1)[0] == name]
+    return matches[0] if len(matches) == 1 else None
+
+
+def _text_of(content: Any, index: int) -> str:
+    if isinstance(content, str):
+        return content
+    if isinstance(content, list):
+        parts = []
+        for part in content:
+            if not (isinstance(part, dict) and part.get("type") == "text" and isinstance(part.get("text"), str)):
+                raise APIError(400, f"messages[{index}].content: only text parts are supported", param="messages")
+            parts.append(part["text"])
+        return "".join(parts)
+    raise APIError(400, f"messages[{index}].content must be a string or a list of text parts", param="messages")
+
+
+def parse_chat_request(body: bytes, available: Sequence[str]) -> ChatRequest:
+    """Validate a ``/v1/chat/completions`` body; raise ``APIError`` as OpenAI would."""
+    try:
+        data = json.loads(body)
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise APIError(400, f"We could not parse the JSON body of your request ({exc}).") from exc
+    if not isinstance(data, dict):
+        raise APIError(400, "The request body must be a JSON object.")
+    model = data.get("model")
+    if not isinstance(model, str) or not model:
+        raise APIError(400, "You must provide a model parameter.", param="model", code="missing_required_parameter")
+    raw_messages = data.get("messages")
+    if not isinstance(raw_messages, list) or not raw_messages:
+        raise APIError(
+            400, "You must provide a non-empty messages array.", param="messages", code="missing_required_parameter"
+        )
+    messages = []
+    for index, message in enumerate(raw_messages):
+        if not isinstance(message, dict) or message.get("role") not in ROLES:
+            raise APIError(
+                400, f"messages[{index}].role must be one of {', '.join(ROLES)}", param=f"messages[{index}].role"
+            )
+        messages.append({"role": message["role"], "content": _text_of(message.get("content"), index)})
+    stream = data.get("stream", False)
+    if not isinstance(stream, bool):
+        raise APIError(400, "stream must be a boolean", param="stream")
+    options = data.get("stream_options") or {}
+    include_usage = isinstance(options, dict) and options.get("include_usage") is True
+    max_tokens = data.get("max_completion_tokens", data.get("max_tokens"))
+    if max_tokens is not None and (not isinstance(max_tokens, int) or isinstance(max_tokens, bool) or max_tokens < 1):
+        raise APIError(400, "max_tokens must be a positive integer", param="max_tokens")
+    temperature = data.get("temperature")
+    if temperature is not None and (
+        not isinstance(temperature, (int, float)) or isinstance(temperature, bool) or not 0 <= temperature <= 2
+    ):
+        raise APIError(400, "temperature must be a number between 0 and 2", param="temperature")
+    if data.get("n", 1) != 1:
+        raise APIError(400, "only n=1 is supported", param="n")
+    resolved = resolve_model(model, available)
+    if resolved is None:
+        raise APIError(
+            404,
+            f"The model '{model}' does not exist or is not loaded. Available models: {', '.join(available) or 'none'}.",
+            param="model",
+            code="model_not_found",
+        )
+    return ChatRequest(resolved, messages, stream, include_usage, max_tokens,
+                       None if temperature is None else float(temperature))  # fmt: skip
+
+
+# -- serialising generations ------------------------------------------------------------------
+
+
+class FairLock:
+    """A FIFO lock whose waiters can give up (a client that disconnected while queued)."""
+
+    def __init__(self) -> None:
+        self._cond = threading.Condition()
+        self._next_ticket = 0
+        self._serving = 0
+        self._abandoned: set[int] = set()
+
+    @property
+    def queued(self) -> int:
+        with self._cond:
+            return self._next_ticket - self._serving - len(self._abandoned)
+
+    def acquire(self, *, give_up: Callable[[], bool] = lambda: False, poll: float = 0.25) -> bool:
+        with self._cond:
+            ticket = self._next_ticket
+            self._next_ticket += 1
+            while ticket != self._serving:
+                self._cond.wait(poll)
+                if ticket != self._serving and give_up():
+                    self._abandoned.add(ticket)
+                    return False
+            return True
+
+    def release(self) -> None:
+        with self._cond:
+            self._serving += 1
+            while self._serving in self._abandoned:
+                self._abandoned.discard(self._serving)
+                self._serving += 1
+            self._cond.notify_all()
+
+
+# -- HTTP ------------------------------------------------------------------------------------------
+
+
+class OpenAIServer(ThreadingHTTPServer):
+    daemon_threads = True
+    block_on_close = False
+
+    def __init__(self, address: tuple[str, int], runtime: ChatRuntime) -> None:
+        super().__init__(address, ChatHandler)
+        self.runtime = runtime
+        self.generation_lock = FairLock()
+
+    @property
+    def url(self) -> str:
+        host, port = self.server_address[:2]
+        return f"http://{host}:{port}/v1"
+
+
+def _peer_closed(sock: socket.socket) -> bool:
+    """True when the client has closed its end (readable with nothing to read)."""
+    try:
+        readable, _, _ = select.select([sock], [], [], 0)
+        return bool(readable) and sock.recv(1, socket.MSG_PEEK) == b""
+    except (OSError, ValueError):
+        return True
+
+
+class ChatHandler(BaseHTTPRequestHandler):
+    server: OpenAIServer
+    protocol_version = "HTTP/1.1"
+    timeout = 300  # a client that stops reading for this long is dropped (its generation stops)
+
+    def log_message(self, format: str, *args: Any) -> None:  # noqa: A002 - the stdlib's name
+        log.debug("%s " + format, self.client_address[0], *args)
+
+    # routes
+
+    def do_GET(self) -> None:  # noqa: N802 - the stdlib's name
+        path = urlsplit(self.path).path.rstrip("/")
+        runtime = self.server.runtime
+        if path == "/health":
+            self._json(200, {"status": "ok", "models": runtime.models(), "queued": self.server.generation_lock.queued})
+        elif path == "/v1/models":
+            self._json(200, {"object": "list", "data": [self._model_card(m) for m in runtime.models()]})
+        elif path.startswith("/v1/models/") and path[len("/v1/models/") :] in runtime.models():
+            self._json(200, self._model_card(path[len("/v1/models/") :]))
+        else:
+            self._error(APIError(404, f"Unknown route GET {path or '/'}", code="not_found"))
+
+    def do_POST(self) -> None:  # noqa: N802 - the stdlib's name
+        path = urlsplit(self.path).path.rstrip("/")
+        if path != "/v1/chat/completions":
+            self._discard_body()
+            self._error(APIError(404, f"Unknown route POST {path}", code="not_found"))
+            return
+        try:
+            request = parse_chat_request(self._read_body(), self.server.runtime.models())
+        except APIError as exc:
+            self._error(exc)
+            return
+        if not self.server.generation_lock.acquire(give_up=lambda: _peer_closed(self.connection)):
+            log.info("client %s left while queued", self.client_address[0])
+            self.close_connection = True
+            return
+        try:
+            self._complete(request)
+        finally:
+            self.server.generation_lock.release()
+
+    def do_DELETE(self) -> None:  # noqa: N802
+        self._error(APIError(405, "Method not allowed", code="method_not_allowed"))
+
+    do_PUT = do_PATCH = do_DELETE  # noqa: N815
+
+    # chat
+
+    def _complete(self, request: ChatRequest) -> None:
+        try:
+            stream = self.server.runtime.stream_chat(
+                request.model, request.messages, max_tokens=request.max_tokens, temperature=request.temperature
+            )
+        except ContextLengthError as exc:
+            self._error(APIError(400, str(exc), param="messages", code="context_length_exceeded"))
+            return
+        except UnknownModelError as exc:
+            self._error(APIError(404, str(exc), param="model", code="model_not_found"))
+            return
+        except RagError as exc:
+            self._error(APIError(500, str(exc), type_="server_error"))
+            return
+        with stream:
+            if request.stream:
+                self._stream(request, stream)
+            else:
+                self._answer(request, stream)
+
+    def _answer(self, request: ChatRequest, stream: ChatStream) -> None:
+        started = time.perf_counter()
+        try:
+            text = "".join(stream)
+        except RagError as exc:
+            self._error(APIError(500, str(exc), type_="server_error"))
+            return
+        self._log_generation(request, stream, started)
+        body = {
+            **self._envelope("chat.completion", request.model),
+            "choices": [
+                {
+                    "index": 0,
+                    "message": {"role": "assistant", "content": text},
+                    "finish_reason": stream.finish_reason or "stop",
+                }
+            ],
+            "usage": _usage(stream),
+        }
+        self._json(200, body)
+
+    def _stream(self, request: ChatRequest, stream: ChatStream) -> None:
+        envelope = self._envelope("chat.completion.chunk", request.model)
+        extra = {"usage": None} if request.include_usage else {}
+
+        def chunk(delta: dict[str, str], finish_reason: str | None = None) -> dict[str, Any]:
+            return {**envelope, "choices": [{"index": 0, "delta": delta, "finish_reason": finish_reason}], **extra}
+
+        self.close_connection = True  # the stream ends when the connection does
+        self.send_response(200)
+        self.send_header("Content-Type", "text/event-stream; charset=utf-8")
+        self.send_header("Cache-Control", "no-cache")
+        self.send_header("Connection", "close")
+        self.end_headers()
+        started = time.perf_counter()
+        try:
+            self._event(chunk({"role": "assistant", "content": ""}))
+            for piece in stream:
+                self._event(chunk({"content": piece}))
+                if _peer_closed(self.connection):
+                    raise ConnectionResetError("client closed the connection")
+            self._event(chunk({}, stream.finish_reason or "stop"))
+            if request.include_usage:
+                self._event({**envelope, "choices": [], "usage": _usage(stream)})
+            self.wfile.write(b"data: [DONE]\n\n")
+            self._log_generation(request, stream, started)
+        except (BrokenPipeError, ConnectionResetError, TimeoutError) as exc:
+            log.info("client %s went away mid-stream (%s): generation stopped", self.client_address[0], exc)
+        except RagError as exc:
+            with contextlib.suppress(OSError):
+                self._event(APIError(500, str(exc), type_="server_error").body())
+
+    # plumbing
+
+    def _event(self, data: dict[str, Any]) -> None:
+        self.wfile.write(b"data: " + json.dumps(data, ensure_ascii=False).encode("utf-8") + b"\n\n")
+
+    def _envelope(self, kind: str, model: str) -> dict[str, Any]:
+        return {"id": f"chatcmpl-{uuid.uuid4().hex[:24]}", "object": kind, "created": int(time.time()), "model": model}
+
+    def _model_card(self, model_id: str) -> dict[str, Any]:
+        return {
+            "id": model_id,
+            "object": "model",
+            "created": 0,
+            "owned_by": OWNED_BY,
+            "context_length": self.server.runtime.context_length(model_id),
+        }
+
+    def _read_body(self) -> bytes:
+        try:
+            length = int(self.headers.get("Content-Length") or 0)
+        except ValueError:
+            length = -1
+        if length < 0 or length > MAX_BODY_BYTES:
+            self.close_connection = True
+            raise APIError(413 if length > 0 else 400, "Missing, invalid or too large Content-Length.")
+        return self.rfile.read(length)
+
+    def _discard_body(self) -> None:
+        with contextlib.suppress(APIError):
+            self._read_body()
+
+    def _json(self, status: int, body: dict[str, Any]) -> None:
+        payload = json.dumps(body, ensure_ascii=False).encode("utf-8")
+        self.send_response(status)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(payload)))
+        self.end_headers()
+        with contextlib.suppress(OSError):
+            self.wfile.write(payload)
+
+    def _error(self, error: APIError) -> None:
+        self._json(error.status, error.body())
+
+    def _log_generation(self, request: ChatRequest, stream: ChatStream, started: float) -> None:
+        seconds = time.perf_counter() - started
+        usage = _usage(stream)
+        log.info(
+            "%s: %d prompt + %d completion tokens in %.1f s (%.1f tokens/s)",
+            request.model, usage["prompt_tokens"], usage["completion_tokens"], seconds,
+            usage["completion_tokens"] / seconds if seconds > 0 else 0.0,
+        )  # fmt: skip
+
+
+def _usage(stream: ChatStream) -> dict[str, int]:
+    prompt = stream.usage.prompt_tokens if stream.usage else stream.prompt_tokens
+    completion = stream.usage.completion_tokens if stream.usage else stream.completion_tokens
+    return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
+
+
+def make_server(runtime: ChatRuntime, host: str = DEFAULT_HOST, port: int = 0) -> OpenAIServer:
+    """Bind (``port=0``: any free port) without serving yet; call ``serve_forever()``."""
+    return OpenAIServer((host, port), runtime)
+
+
+# -- process lifecycle ---------------------------------------------------------------------------
+
+
+def state_path(data_dir: Path) -> Path:
+    return data_dir / STATE_FILE
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def check_health(url: str, *, timeout: float = 2.0) -> bool:
+    """``GET /health`` on the server whose base URL (``.../v1``) is given; no proxy, loopback-safe."""
+    parts = urlsplit(url)
+    if not parts.hostname or not parts.port:
+        return False
+    connection = http.client.HTTPConnection(parts.hostname, parts.port, timeout=timeout)
+    try:
+        connection.request("GET", "/health")
+        response = connection.getresponse()
+        return response.status == 200 and json.loads(response.read()).get("status") == "ok"
+    except (OSError, ValueError, http.client.HTTPException):
+        return False
+    finally:
+        connection.close()
+
+
+def read_state(data_dir: Path) -> dict[str, Any] | None:
+    try:
+        state = json.loads(state_path(data_dir).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    return state if isinstance(state, dict) else None
+
+
+def find_running(data_dir: Path) -> str | None:
+    """The URL (``http://127.0.0.1:PORT/v1``) of a live server for this data dir, if any."""
+    state = read_state(data_dir)
+    if not state or not isinstance(state.get("pid"), int) or not isinstance(state.get("url"), str):
+        return None
+    if not _pid_alive(state["pid"]) or not check_health(state["url"]):
+        return None
+    return str(state["url"])
+
+
+def _write_state(path: Path, state: dict[str, Any]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(json.dumps(state, indent=2) + "\n", encoding="utf-8")
+    os.replace(tmp, path)
+
+
+def _remove_state(path: Path) -> None:
+    state = read_state(path.parent)
+    if state and state.get("pid") == os.getpid():
+        with contextlib.suppress(OSError):
+            path.unlink()
+
+
+def default_model_sources(settings: Settings) -> list[str]:
+    """What to load when no model directory is named: every built model, the one named by
+    ``RAG_MODEL`` (or the default offline model) first; or ``RAG_MODEL`` as a Foundry catalog
+    alias when no such model is built."""
+    name = settings.model or DEFAULT_MODEL
+    built = sorted(d for d in settings.models_dir.glob("*") if is_built(d)) if settings.models_dir.is_dir() else []
+    first = settings.models_dir / name
+    if is_built(first):
+        return [str(first)] + [str(d) for d in built if d != first]
+    if settings.model:
+        return [settings.model]  # a catalog alias: needs the internet the first time
+    raise ModelBuildError(
+        f"no chat model in {settings.models_dir / name}: build it with `python -m rag model build` "
+        "(or `make model`)"
+    )
+
+
+def serve(
+    settings: Settings,
+    *,
+    host: str = DEFAULT_HOST,
+    port: int = 0,
+    model_dirs: Sequence[Path | str] | None = None,
+    runtime: Any = None,
+    ready: Callable[[OpenAIServer], None] | None = None,
+) -> None:
+    """Load the models, serve until SIGTERM/SIGINT (or ``server.shutdown()``), then clean up.
+
+    ``model_dirs`` entries are model directories or, when not a directory, catalog aliases.
+    ``ready(server)`` is called once it listens (``server.url``, ``server.shutdown``).
+    """
+    running = find_running(settings.data_dir)
+    if running:
+        raise EndpointError(f"a model server already runs at {running}: use it, or stop it first", url=running)
+    sources = [str(d) for d in model_dirs] if model_dirs else default_model_sources(settings)
+    owns_runtime = runtime is None
+    if runtime is None:
+        from rag.runtime import FoundryRuntime
+
+        runtime = FoundryRuntime(settings.data_dir)
+    path = state_path(settings.data_dir)
+    httpd: OpenAIServer | None = None
+    try:
+        for source in sources:
+            started = time.perf_counter()
+            model_id = runtime.load(source) if Path(source).is_dir() else runtime.load_alias(source)
+            log.info("loaded %s in %.1f s", model_id, time.perf_counter() - started)
+        httpd = make_server(runtime, host, port)
+        _write_state(path, {"pid": os.getpid(), "url": httpd.url, "models": runtime.models()})
+        if threading.current_thread() is threading.main_thread():
+            server = httpd
+            signal.signal(signal.SIGTERM, lambda *_: threading.Thread(target=server.shutdown, daemon=True).start())
+        log.info("listening on %s", httpd.url)
+        if ready is not None:
+            ready(httpd)
+        httpd.serve_forever(poll_interval=0.2)
+    except KeyboardInterrupt:
+        log.info("interrupted")
+    finally:
+        _remove_state(path)
+        if httpd is not None:
+            httpd.server_close()
+        if owns_runtime:
+            runtime.close()
+
+
+@contextlib.contextmanager
+def _start_lock(data_dir: Path) -> Iterator[None]:
+    """Only one process at a time decides whether to start a server for a data dir."""
+    data_dir.mkdir(parents=True, exist_ok=True)
+    with open(data_dir / "serve.lock", "a+b") as handle:
+        try:
+            import fcntl
+
+            fcntl.flock(handle, fcntl.LOCK_EX)
+        except ImportError:  # Windows: no advisory lock; a rare double start only costs memory
+            pass
+        yield
+
+
+def start_background(
+    settings: Settings,
+    *,
+    model_dirs: Sequence[Path | str] | None = None,
+    host: str = DEFAULT_HOST,
+    timeout: float = 180.0,
+) -> tuple[str, Callable[[], None]]:
+    """Reuse a running server or start one in a subprocess; return ``(url, stop)``.
+
+    ``stop()`` ends the subprocess this call started (a no-op for a reused server).
+    Its output goes to ``<data_dir>/serve.log``.
+    """
+    data_dir = settings.data_dir
+    with _start_lock(data_dir):
+        url = find_running(data_dir)
+        if url:
+            return url, lambda: None
+        command = [sys.executable, "-m", "rag.server", "--host", host, "--port", "0", "--data-dir", str(data_dir)]
+        for model_dir in model_dirs or []:
+            command += ["--model-dir", str(model_dir)]
+        if settings.model and not model_dirs:
+            command += ["--model", settings.model]
+        package_root = str(Path(__file__).resolve().parent.parent)
+        env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [package_root, os.environ.get("PYTHONPATH")]))}
+        log_path = data_dir / "serve.log"
+        with open(log_path, "ab") as log_file:
+            process = subprocess.Popen(
+                command, stdout=log_file, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env
+            )
+
+        def stop() -> None:
+            if process.poll() is None:
+                process.terminate()
+                try:
+                    process.wait(timeout=15)
+                except subprocess.TimeoutExpired:
+                    process.kill()
+                    process.wait()
+
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if process.poll() is not None:
+                raise EndpointError(
+                    f"the model server exited with code {process.returncode}: {_last_line(log_path)} "
+                    f"(log: {log_path})"
+                )
+            state = read_state(data_dir)
+            if state and state.get("pid") == process.pid and check_health(str(state.get("url")), timeout=1.0):
+                return str(state["url"]), stop
+            time.sleep(0.2)
+        stop()
+        raise EndpointTimeoutError(f"the model server did not become ready within {timeout:.0f} s (log: {log_path})")
+
+
+def _last_line(path: Path) -> str:
+    try:
+        lines = [line for line in path.read_text(encoding="utf-8", errors="replace").splitlines() if line.strip()]
+    except OSError:
+        return "(no log)"
+    return lines[-1].strip() if lines else "(empty log)"
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m rag.server [--host H] [--port N] [--data-dir D] [--model-dir DIR ...] [--model NAME]``."""
+    import argparse
+
+    parser = argparse.ArgumentParser(prog="python -m rag.server", description="Serve the local chat model.")
+    parser.add_argument("--host", default=DEFAULT_HOST)
+    parser.add_argument("--port", type=int, default=0, help="0: any free port")
+    parser.add_argument("--data-dir", type=Path, default=None)
+    parser.add_argument("--model-dir", action="append", default=None, help="an ONNX GenAI model directory")
+    parser.add_argument("--model", default=None, help="a built model name or Foundry catalog alias")
+    parser.add_argument("-v", "--verbose", action="store_true")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(message)s")
+    try:
+        settings = load_settings(data_dir=args.data_dir, model=args.model)
+        serve(settings, host=args.host, port=args.port, model_dirs=args.model_dir)
+    except RagError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
