@@ -50,7 +50,7 @@ index: install
 run: install
 	@if $(PY) -m rag model needed; then $(MAKE) --no-print-directory model; fi
 	$(PY) -m rag index
-	$(VENV)/bin/chainlit run app.py --headless --port $(PORT)
+	$(VENV)/bin/chainlit run app.py --port $(PORT)
 
 serve: model
 	$(PY) -m rag serve
