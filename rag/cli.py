@@ -153,6 +153,67 @@ def cmd_eval(args: argparse.Namespace, settings: Settings) -> int:
     return 0
 
 
+@command("ask")
+def cmd_ask(args: argparse.Namespace, settings: Settings) -> int:
+    import asyncio
+
+    from rag.index import IndexStore
+    from rag.indexing import index_params
+    from rag.pipeline import retrieve
+
+    embedder = make_embedder(settings)
+    snapshot = IndexStore(settings.index_dir).load(expected=index_params(settings, embedder))
+    found = retrieve(
+        snapshot,
+        embedder,
+        args.question,
+        k=args.k or settings.top_k,
+        mode=args.mode or settings.retrieval_mode,
+        min_relevance=settings.min_relevance if args.min_relevance is None else args.min_relevance,
+    )
+    if not found.relevant:
+        print(
+            f"Your documents don't seem to contain the answer: no passage reaches the relevance "
+            f"threshold ({found.min_relevance:.2f}, RAG_MIN_RELEVANCE). The closest passages:"
+        )
+        for hit in found.closest[:3]:
+            print(format_hit(hit))
+        return 0
+    return asyncio.run(_stream_answer(args.question, found.hits, settings))
+
+
+async def _stream_answer(question: str, hits: Sequence[Hit], settings: Settings) -> int:
+    from rag.endpoints import open_endpoint
+    from rag.pipeline import answer
+    from rag.chat import ChatDelta
+
+    endpoint = await open_endpoint(settings)
+    try:
+        reply = answer(
+            endpoint.client,
+            endpoint.model,
+            question,
+            hits,
+            context_window=endpoint.context_window,
+            max_answer_tokens=settings.max_answer_tokens,
+            temperature=settings.temperature,
+        )
+        async for event in reply:
+            if isinstance(event, ChatDelta):
+                print(event.text, end="", flush=True)
+        print()
+        cited = reply.citations()
+        if cited:
+            print("\nSources:")
+        for number in cited:
+            chunk = reply.hits[number - 1].chunk
+            print(f"  [{number}] {chunk.source}" + (f", page {chunk.page}" if chunk.page else ""))
+        print(f"\n— {endpoint.model} ({endpoint.origin}, {endpoint.base_url})")
+    finally:
+        await endpoint.close()
+    return 0
+
+
 @command("serve")
 def cmd_serve(args: argparse.Namespace, settings: Settings) -> int:
     import logging
@@ -197,6 +258,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-k", type=int, help="how many passages (RAG_TOP_K, default 5)")
     p.add_argument("--mode", choices=RETRIEVAL_MODES, help="retrieval mode (RAG_RETRIEVAL_MODE, default hybrid)")
     p.add_argument("--min-similarity", type=float, help="drop passages below this cosine similarity")
+
+    p = sub.add_parser("ask", help="answer a question from your documents, with citations")
+    p.add_argument("question")
+    p.add_argument("-k", type=int, help="passages to retrieve (RAG_TOP_K)")
+    p.add_argument("--mode", choices=RETRIEVAL_MODES, help="retrieval mode (RAG_RETRIEVAL_MODE)")
+    p.add_argument("--min-relevance", type=float, help="relevance threshold (RAG_MIN_RELEVANCE)")
 
     p = sub.add_parser("status", help="what is indexed")
     p.add_argument("--files", action="store_true", help="list every indexed file")

@@ -47,7 +47,7 @@ class Settings:
     # Retrieval.
     top_k: int = 5
     retrieval_mode: str = "hybrid"
-    min_relevance: float = 0.25
+    min_relevance: float = 0.35
     # Past this many chunks an approximate (IVF) index answers dense searches.
     ann_threshold: int = 50_000
     # Indexing: commit finished work at least this often, so a killed run loses little.

@@ -222,7 +222,7 @@ class FoundryRuntime:
         return model_id
 
     def models(self) -> list[str]:
-        return sorted(self._loaded)
+        return list(self._loaded)  # load order: the default model first
 
     def context_length(self, model_id: str) -> int:
         return self._get(model_id).context_length
