@@ -13,7 +13,7 @@ BUILD_VENV := .venv-build
 BUILD_STAMP := $(BUILD_VENV)/.installed-stamp
 PORT ?= 8000
 
-.PHONY: install build-env model models run index serve test test-fast clean-index
+.PHONY: install build-env model models run index serve browser test test-fast clean-index
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -55,7 +55,13 @@ run: install
 serve: model
 	$(PY) -m rag serve
 
-test: install model
+# Debian's chromium for the end-to-end browser tests (Playwright cannot download a browser here).
+browser:
+	@test -x /usr/bin/chromium || { \
+	    if [ "$$(id -u)" = 0 ]; then apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium; \
+	    else echo "install chromium first: sudo apt-get install -y chromium" >&2; exit 1; fi; }
+
+test: install model browser
 	$(PY) -m pytest
 
 test-fast: install
