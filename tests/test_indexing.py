@@ -230,3 +230,29 @@ def test_files_of_a_folder_that_turns_unreadable_are_kept(settings: Settings, mo
     assert report.removed == ()
     assert report.notes == ("private/secret.md: kept the previously indexed version",)
     assert search(settings, FakeEmbedder(), "lighthouses", k=1) == ["private/secret.md"]
+
+
+def test_file_changed_between_scan_and_read_is_indexed_as_read(
+    settings: Settings, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    write(settings.corpus_dir, "live.md", "# Live\n\nFirst draft about walruses.\n")
+    import rag.indexing as indexing
+
+    real_scan = indexing.scan_corpus
+
+    def scan_then_edit(*args, **kwargs):  # type: ignore[no-untyped-def]
+        scan = real_scan(*args, **kwargs)
+        path = write(settings.corpus_dir, "live.md", "# Live\n\nSecond draft, now about narwhals instead.\n")
+        bump_mtime(path)
+        return scan
+
+    monkeypatch.setattr(indexing, "scan_corpus", scan_then_edit)
+    sync_index(settings, FakeEmbedder())
+    monkeypatch.undo()
+    # The bytes read are what is indexed, whole: never half of one version and half of another.
+    assert search(settings, FakeEmbedder(), "narwhals", k=1) == ["live.md"]
+    assert all("walruses" not in c.text for c in IndexStore(settings.index_dir).load().chunks.values())
+    # The next run notices the stat changed, finds the same content, and embeds nothing.
+    embedder = FakeEmbedder()
+    report = sync_index(settings, embedder)
+    assert report.unchanged == ("live.md",) and embedder.embedded == []
