@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import asyncio
 import codecs
+import contextlib
 import json
 import re
 from collections.abc import AsyncGenerator, AsyncIterator, Iterable, Iterator, Sequence
@@ -345,6 +346,10 @@ def _normalise_base_url(base_url: str) -> str:
     return url[: -len("/v1")] if url.endswith("/v1") else url
 
 
+# How long to wait for the end of a body after [DONE] before closing it anyway.
+DRAIN_TIMEOUT = 1.0
+
+
 class ChatClient:
     """Talks to ``{root}/v1/chat/completions``; owns its httpx client unless one is given.
 
@@ -536,6 +541,14 @@ class ChatClient:
                             deadline = loop.time() + self.idle_timeout
                         if answer.ended:
                             break
+                if not closed:
+                    # Read past [DONE] to the end of the body (the server closes it right away):
+                    # abandoning httpcore's stream mid-way leaves its generators to the garbage
+                    # collector, which logs cancel-scope errors (encode/httpx#3777).
+                    with contextlib.suppress(TimeoutError, httpx.HTTPError):
+                        async with asyncio.timeout(DRAIN_TIMEOUT):
+                            async for _ in chunks:
+                                pass
             yield answer.done()
         finally:
             await response.aclose()

@@ -1,0 +1,422 @@
+"""The chat app's logic without a browser: upload naming and safety, citation elements,
+escaping, settings, notices, and the process-wide state (index updates, endpoint recovery).
+
+``app.py`` is imported with ``CHAINLIT_APP_ROOT`` pointing at a temp copy of our Chainlit
+config: importing Chainlit writes into its app root.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import doctest
+import inspect
+import importlib
+import os
+import re
+import shutil
+import sys
+from pathlib import Path
+from types import ModuleType
+from typing import Any
+
+import pytest
+from markdown_it import MarkdownIt
+
+from rag.chat import ChatClient
+from rag.config import Settings
+from rag.errors import EndpointUnreachableError, IndexMissingError, LoadError, RagError
+from rag.index import IndexStore
+from rag.indexing import sync_index
+from rag.types import Chunk, Hit, IndexReport, SkippedFile
+from tests.fakes import FakeEmbedder
+from tests.pdfs import make_pdf
+
+ROOT = Path(__file__).resolve().parent.parent
+# The worst case: a renderer that passes raw HTML through. Escaped text must produce no tags.
+RENDER = MarkdownIt("commonmark", {"html": True})
+HOSTILE = [
+    "<script>alert('x')</script>",
+    '<img src=x onerror="alert(1)">',
+    "![tracker](http://evil.example/pixel.png)",
+    "[click me](javascript:alert(1))",
+    "<http://evil.example>",
+    "**bold** _it_ `code` # heading | pipe | ~~strike~~",
+    "&lt;script&gt; &amp; &#60;b&#62;",
+    "1. not a list\n- nor this\n> nor a quote",
+    "back\\slash \\[1\\] [1] [^1]",
+    "Emoji 🙂 and 中文 and ünïcödé",
+]
+
+
+@pytest.fixture(scope="module")
+def app(tmp_path_factory: pytest.TempPathFactory) -> ModuleType:
+    root = tmp_path_factory.mktemp("approot")
+    shutil.copytree(ROOT / ".chainlit", root / ".chainlit")
+    previous = os.environ.get("CHAINLIT_APP_ROOT")
+    os.environ["CHAINLIT_APP_ROOT"] = str(root)
+    try:
+        module = importlib.import_module("app")
+    finally:
+        if previous is None:
+            os.environ.pop("CHAINLIT_APP_ROOT", None)
+        else:
+            os.environ["CHAINLIT_APP_ROOT"] = previous
+    import chainlit.config
+
+    assert Path(chainlit.config.APP_ROOT) == root, "chainlit was imported elsewhere first"
+    return module
+
+
+def hit(rank: int, text: str = "text", *, source: str = "a.md", page: int | None = None,
+        sim: float = 0.5, headings: tuple[str, ...] = ()) -> Hit:  # fmt: skip
+    chunk = Chunk(f"{rank:032x}", source, text, 0, len(text), page=page, headings=headings)
+    return Hit(chunk, 1.0 / rank, rank, similarity=sim)
+
+
+def visible_text(html: str) -> str:
+    return re.sub(r"<[^>]+>", "", html)
+
+
+def test_doctests(app: ModuleType) -> None:
+    finder, runner = doctest.DocTestFinder(recurse=False), doctest.DocTestRunner()
+    own = [(n, f) for n, f in vars(app).items() if inspect.isfunction(f) and f.__module__ == app.__name__]
+    tests = [t for n, f in own for t in finder.find(f, f"app.{n}", module=False, globs=dict(vars(app))) if t.examples]
+    assert len(tests) >= 8
+    for test in tests:
+        runner.run(test)
+    assert runner.summarize(verbose=False).failed == 0
+
+
+# --- escaping -------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("text", HOSTILE)
+def test_escaped_text_renders_as_itself_and_never_as_markup(app: ModuleType, text: str) -> None:
+    html = RENDER.render(app.escape_markdown(text))
+    assert not re.search(r"<(?!/?p>)[a-z!/]", html), html  # nothing but paragraphs
+    import html as html_lib
+
+    assert " ".join(html_lib.unescape(visible_text(html)).split()) == " ".join(text.split())
+
+
+@pytest.mark.parametrize("text", HOSTILE)
+def test_passage_display_is_text(app: ModuleType, text: str) -> None:
+    shown = app.passage_markdown(hit(1, f"Intro.\n\n{text}", source="<b>x</b>.md", page=2))
+    html = RENDER.render(shown)
+    tags = set(re.findall(r"<(/?[a-z0-9]+)", html))
+    assert tags <= {"p", "/p", "strong", "/strong"}, html
+    assert "&lt;b&gt;x&lt;/b&gt;.md, page 2" in html
+
+
+def test_passage_table_escapes_cells_and_marks_weak_passages(app: ModuleType) -> None:
+    table = app.passage_table([hit(1, "a | b <i>c</i>", source="x|y.md", sim=0.1), hit(2, sim=0.9)],
+                              min_relevance=0.25)  # fmt: skip
+    html = RENDER.render(table)
+    assert "<i>" not in html
+    assert table.count("\n") == 3  # header, rule, two rows: the pipes did not split cells
+    assert "0.10 (below threshold)" in table and "0.90 |" in table
+
+
+def test_code_span_shows_anything_literally(app: ModuleType) -> None:
+    for text in ["docs_corpus", "a`b", "`x`", "<script>", "*x*"]:
+        html = RENDER.render(app.code_span(text))
+        assert html.startswith("<p><code>") and "<script>" not in html
+
+
+# --- citations --------------------------------------------------------------------------------
+
+
+def test_citation_elements_follow_the_passages_sent(app: ModuleType, tmp_path: Path) -> None:
+    (tmp_path / "guide.pdf").write_bytes(make_pdf(["one", "two", "three"]))
+    hits = [hit(1, "Alpha.", source="a.md"), hit(2, "Page two.", source="guide.pdf", page=2),
+            hit(3, "Also page two.", source="guide.pdf", page=2)]  # fmt: skip
+    elements = app.citation_elements(hits, [2, 1, 9, 3, 0], tmp_path)
+    assert [(e.name, e.kind) for e in elements] == [
+        ("[2]", "text"),
+        ("guide.pdf p. 2", "pdf"),
+        ("[1]", "text"),
+        ("[3]", "text"),  # the same page again: no second PDF element
+    ]
+    pdf = elements[1]
+    assert pdf.path == (tmp_path / "guide.pdf").resolve() and pdf.page == 2
+    assert "Page two." in elements[0].content and "guide.pdf, page 2" in elements[0].content
+
+
+def test_pdf_outside_the_corpus_or_missing_gets_no_pdf_element(app: ModuleType, tmp_path: Path) -> None:
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    (tmp_path / "secret.pdf").write_bytes(make_pdf(["x"]))
+    hits = [hit(1, source="../secret.pdf", page=1), hit(2, source="gone.pdf", page=1)]
+    assert [e.kind for e in app.citation_elements(hits, [1, 2], corpus)] == ["text", "text"]
+
+
+def test_sources_footer_lists_cited_passages_and_the_model(app: ModuleType) -> None:
+    hits = [hit(1, source="notes/a_b.md", headings=("Guide", "Setup")), hit(2, source="g.pdf", page=3), hit(3)]
+    footer = app.sources_footer(hits, [2, 1], "phi-4*mini")
+    assert footer.splitlines()[:3] == ["**Sources**", "- [2] g.pdf p. 3", r"- [1] notes/a\_b.md, Guide › Setup"]
+    assert footer.endswith(r"_Answered by phi-4\*mini from 3 passages._")
+    assert app.sources_footer(hits[:1], [], "m") == "_Answered by m from 1 passage._"
+
+
+@pytest.mark.parametrize("source", ["a*b[1].pdf", "x/<script>.pdf", "plain name (2).pdf"])
+def test_pdf_label_needs_no_escaping(app: ModuleType, source: str) -> None:
+    label = app.pdf_label(source, 7)
+    assert label.endswith(" p. 7")
+    assert RENDER.render(label).strip() == f"<p>{label}</p>"
+
+
+# --- uploads --------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("name", "expected"),
+    [
+        ("guide.pdf", "guide.pdf"),
+        ("../../etc/passwd.md", "passwd.md"),
+        ("..\\..\\Windows\\win.txt", "win.txt"),
+        (".hidden.md", "hidden.md"),
+        ("...dots.md", "dots.md"),
+        ("  Report.PDF  ", "Report.PDF"),
+        ("a\x00b\x1fc.md", "abc.md"),
+        ('evil<script>:"|?*.html', "evil_script______.html"),
+        ("résumé 📄.md", "résumé 📄.md"),
+        ("x" * 300 + ".md", "x" * 117 + ".md"),
+    ],
+)
+def test_safe_upload_name(app: ModuleType, name: str, expected: str) -> None:
+    assert app.safe_upload_name(name) == expected
+
+
+@pytest.mark.parametrize("name", ["", "..", "/", "x.docx", "noext", ".md", "archive.pdf.exe", "a/b/"])
+def test_unsafe_or_unsupported_names_are_refused(app: ModuleType, name: str) -> None:
+    with pytest.raises(LoadError, match="unsupported file type"):
+        app.safe_upload_name(name)
+
+
+def listing(folder: Path) -> dict[str, bytes]:
+    return {p.name: p.read_bytes() for p in sorted(folder.iterdir())}
+
+
+def test_upload_is_saved_under_its_name(app: ModuleType, tmp_path: Path) -> None:
+    saved = app.save_upload(tmp_path, "../notes.md", b"# Notes\n\nHello.", max_bytes=1000)
+    assert (saved.source, saved.created, saved.renamed) == ("notes.md", True, False)
+    assert listing(tmp_path) == {"notes.md": b"# Notes\n\nHello."}
+
+
+def test_upload_never_overwrites_a_different_file(app: ModuleType, tmp_path: Path) -> None:
+    (tmp_path / "notes.md").write_bytes(b"original")
+    (tmp_path / "notes (2).md").write_bytes(b"second original")
+    saved = app.save_upload(tmp_path, "notes.md", b"# New\n\nnew text", max_bytes=1000)
+    assert (saved.source, saved.created, saved.renamed) == ("notes (3).md", True, True)
+    assert listing(tmp_path) == {"notes (2).md": b"second original", "notes (3).md": b"# New\n\nnew text",
+                                 "notes.md": b"original"}  # fmt: skip
+
+
+def test_identical_upload_reuses_the_existing_file(app: ModuleType, tmp_path: Path) -> None:
+    (tmp_path / "notes.md").write_bytes(b"different")
+    (tmp_path / "notes (2).md").write_bytes(b"# Same\n\ntext")
+    saved = app.save_upload(tmp_path, "notes.md", b"# Same\n\ntext", max_bytes=1000)
+    assert (saved.source, saved.created) == ("notes (2).md", False)
+    assert len(list(tmp_path.iterdir())) == 2
+
+
+@pytest.mark.parametrize(
+    ("name", "data", "reason"),
+    [
+        ("big.txt", b"x" * 2000, "too large"),
+        ("empty.md", b"   \n", "empty"),
+        ("binary.txt", bytes(range(256)) * 4, "binary"),
+        ("broken.pdf", b"%PDF-1.4 not really", "PDF"),
+        ("tool.exe", b"MZ", "unsupported"),
+    ],
+)
+def test_bad_uploads_change_nothing(app: ModuleType, tmp_path: Path, name: str, data: bytes, reason: str) -> None:
+    (tmp_path / "keep.md").write_bytes(b"keep")
+    with pytest.raises(LoadError, match=re.compile(reason, re.I)):
+        app.save_upload(tmp_path, name, data, max_bytes=1000)
+    assert listing(tmp_path) == {"keep.md": b"keep"}  # no temp file left behind either
+
+
+# --- notices, starters, settings, errors -----------------------------------------------------
+
+
+@pytest.fixture
+def indexed(settings: Settings) -> Settings:
+    (settings.corpus_dir / "guide.md").write_text("# Guide\n\nIntro.\n\n## Install\n\nRun make.\n")
+    (settings.corpus_dir / "field_notes.txt").write_text("Birds sing at dawn.\n")
+    sync_index(settings, FakeEmbedder())
+    return settings
+
+
+def test_describe_update_names_changes_and_each_failure_once(app: ModuleType, indexed: Settings) -> None:
+    snapshot = IndexStore(indexed.index_dir).load()
+    announced: set[tuple[str, str]] = set()
+    report = IndexReport(added=("guide.md",), removed=("old<b>.md",), skipped=(SkippedFile("bad.pdf", "encrypted"),))
+    text = app.describe_update(report, snapshot, announced)
+    assert "added **guide.md** (2 passages)" in text or "added **guide.md** (1 passage)" in text
+    assert r"removed **old\<b\>.md**" in text
+    assert "Could not read **bad.pdf**: encrypted." in text
+    assert app.describe_update(IndexReport(skipped=report.skipped), snapshot, announced) is None
+    assert app.describe_update(IndexReport(unchanged=("guide.md",)), snapshot, announced) is None
+
+
+def test_starters_come_from_titles_and_sections(app: ModuleType, indexed: Settings) -> None:
+    snapshot = IndexStore(indexed.index_dir).load()
+    assert app.starter_questions(snapshot) == [
+        ("field notes", "What is “field notes” about?"),
+        ("Guide", "What does “Guide” say under “Install”?"),
+    ]
+    assert app.starter_questions(snapshot, limit=1) == [("field notes", "What is “field notes” about?")]
+
+
+def test_apply_settings_clamps_and_ignores_unknown_values(app: ModuleType) -> None:
+    prefs = app.Preferences(model="a")
+    new = app.apply_settings(prefs, {"model": "b", "top_k": "0", "temperature": 9, "mode": "magic",
+                                     "min_relevance": "x"}, ["a", "b"])  # fmt: skip
+    assert new == app.Preferences(model="b", top_k=1, temperature=2.0, mode="hybrid", min_relevance=0.25)
+    assert app.apply_settings(new, {"model": "evil"}, ["a", "b"]).model == "b"
+
+
+def test_friendly_errors_say_what_to_do_without_a_traceback(app: ModuleType) -> None:
+    unreachable = app.friendly_error(EndpointUnreachableError("nothing answers at http://x/v1: start it"))
+    assert unreachable.startswith("The model is not answering.") and "start it" in unreachable
+    bug = app.friendly_error(KeyError("boom"))
+    assert "KeyError" in bug and "server log" in bug and "Traceback" not in bug
+
+
+def test_welcome_without_documents_says_how_to_add_them(app: ModuleType, tmp_path: Path) -> None:
+    text = app.welcome_text(None, None, EndpointUnreachableError("down"), tmp_path / "docs_corpus")
+    assert "Nothing is indexed yet" in text and "docs_corpus" in text
+    assert "You can still search" in text
+
+
+def test_gate_text_shows_the_closest_passages_escaped(app: ModuleType) -> None:
+    from rag.pipeline import Retrieval
+
+    found = Retrieval("q", hits=(), closest=(hit(1, "<b>near</b>", sim=0.12),), min_relevance=0.25)
+    text = app.gate_text(found)
+    assert "don't seem to contain the answer" in text and "0.12" in text and "0.25" in text
+    assert "<b>" not in RENDER.render(text)
+
+
+# --- process-wide state: index updates and the endpoint ---------------------------------------
+
+
+@pytest.fixture
+def state(app: ModuleType, settings: Settings) -> Any:
+    (settings.corpus_dir / "guide.md").write_text("# Guide\n\nTurn the pile weekly.\n")
+    return app.AppState(settings, embedder=FakeEmbedder())
+
+
+def test_first_build_then_updates_notify_open_chats(app: ModuleType, state: Any, settings: Settings) -> None:
+    told: list[tuple[str, str | None]] = []
+    state.notify = lambda text, exclude=None: told.append((text, exclude))
+
+    async def main() -> None:
+        with pytest.raises(IndexMissingError):
+            await state.snapshot()
+        snapshot = await asyncio.gather(state.ensure_index(), state.ensure_index())
+        assert snapshot[0].generation == snapshot[1].generation  # one build, not two
+        (settings.corpus_dir / "more.md").write_text("# More\n\nNew text.\n")
+        await state.sync(origin="session-1")
+        assert len(await state.snapshot()) == 2
+
+    asyncio.run(main())
+    assert len(told) == 2
+    assert told[0][0].startswith("Documents updated: added **guide.md**")
+    assert told[1] == (told[1][0], "session-1") and "**more.md**" in told[1][0]
+
+
+def test_a_burst_of_files_in_the_folder_is_one_update(app: ModuleType, state: Any, settings: Settings) -> None:
+    real_sync, calls = state.sync, []
+    told: list[str] = []
+    state.notify = lambda text, exclude=None: told.append(text)
+
+    async def counted_sync(*, origin: str | None = None) -> IndexReport:
+        calls.append(origin)
+        return await real_sync(origin=origin)
+
+    state.sync = counted_sync
+
+    async def main() -> None:
+        watcher = asyncio.create_task(state.watch())
+        await asyncio.sleep(1.0)  # the watcher is up
+        for i in range(100):
+            (settings.corpus_dir / f"note-{i:03d}.md").write_text(f"# Note {i}\n\nText number {i}.\n")
+        await asyncio.sleep(app.WATCH_DEBOUNCE_MS / 1000 + 3)
+        (settings.corpus_dir / ".upload-1.tmp").write_text("half written")  # hidden: ignored
+        await asyncio.sleep(app.WATCH_DEBOUNCE_MS / 1000 + 1)
+        state.stop.set()
+        await asyncio.wait_for(watcher, 10)
+        assert len((await state.snapshot()).files) == 101
+
+    asyncio.run(main())
+    assert calls == [None]
+    assert len(told) == 1 and "note-000.md" in told[0] and "and 91 more" in told[0]
+
+
+class FakeEndpoint:
+    def __init__(self, url: str, models: list[str]) -> None:
+        self.base_url, self.model, self.models = url, models[0], models
+        self.context_window, self.local, self.origin, self.closed = 4096, True, "settings", False
+        self.client = ChatClient(url)
+
+    async def close(self) -> None:
+        self.closed = True
+        await self.client.aclose()
+
+
+def test_endpoint_is_opened_once_and_again_after_it_fails(app: ModuleType, state: Any,
+                                                         monkeypatch: pytest.MonkeyPatch) -> None:  # fmt: skip
+    opened: list[FakeEndpoint] = []
+    outcomes: list[Any] = [EndpointUnreachableError("down"), "m1", "m2"]
+
+    async def fake_open_endpoint(settings: Settings) -> FakeEndpoint:
+        outcome = outcomes.pop(0)
+        if isinstance(outcome, Exception):
+            raise outcome
+        opened.append(FakeEndpoint(f"http://127.0.0.1:9/{outcome}/v1", [outcome]))
+        return opened[-1]
+
+    monkeypatch.setattr(app, "open_endpoint", fake_open_endpoint)
+
+    async def main() -> None:
+        with pytest.raises(RagError):
+            await state.connect()
+        assert isinstance(state.endpoint_error, EndpointUnreachableError)
+        first = await state.connect()
+        assert await state.connect() is first and first.model == "m1"
+        assert state.endpoint_error is None
+        await state.drop_endpoint(EndpointUnreachableError("gone"))
+        assert first.closed
+        second = await state.connect()
+        assert second.model == "m2"
+        await state.close()
+        assert second.closed
+
+    asyncio.run(main())
+    assert outcomes == []
+
+
+def test_hidden_files_do_not_trigger_updates(app: ModuleType) -> None:
+    root = Path("/home/me/.local/docs_corpus")
+    assert app.visible_change(root, "/home/me/.local/docs_corpus/guide.md")
+    assert app.visible_change(root, "/home/me/.local/docs_corpus/sub/guide.md")
+    assert not app.visible_change(root, "/home/me/.local/docs_corpus/.upload-1.tmp")
+    assert not app.visible_change(root, "/home/me/.local/docs_corpus/.git/index")
+    assert not app.visible_change(root, "/home/me/.local/docs_corpus/notes/.guide.md.swp")
+
+
+def test_history_forgets_old_citation_numbers(app: ModuleType) -> None:
+    chat = app.ChatState(prefs=app.Preferences())
+    for i in range(10):
+        app.remember(chat, f"q{i}", f"Answer {i} [1], see [2, 3].")
+    assert len(chat.history) == app.HISTORY_MESSAGES
+    assert chat.history[-1].content == "Answer 9, see."
+    assert chat.history[0].role == "user"
+
+
+def test_app_module_is_the_only_chainlit_importer() -> None:
+    for path in (ROOT / "rag").glob("*.py"):
+        assert "chainlit" not in path.read_text(encoding="utf-8"), path
+    assert "chainlit" in sys.modules  # imported here through app.py, into the temp app root
