@@ -1062,6 +1062,8 @@ async def stream_answer(state: AppState, chat: ChatState, question: str, stream:
     note = problem
     if done is not None and done.finish_reason == "length":
         note = f"_The answer was cut off at {state.settings.max_answer_tokens} tokens (RAG_MAX_ANSWER_TOKENS)._"
+    elif done is not None and done.finish_reason == "repetition":
+        note = "_Stopped: the model started repeating itself._"
     await finish_answer(state, msg, stream, started, note=note)
     if stream.text.strip() and not problem:
         remember(chat, question, stream.text)

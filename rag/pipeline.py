@@ -203,7 +203,15 @@ class Answer:
             async for event in events:
                 if isinstance(event, ChatDelta):
                     self.text += event.text
-                elif isinstance(event, ChatDone):
+                    yield event
+                    if is_looping(self.text):
+                        # Small models fall into loops that run to the token limit: stop early
+                        # (closing the stream stops the generation on the server).
+                        self.done = ChatDone(finish_reason="repetition", usage=None, model=self.model)
+                        yield self.done
+                        return
+                    continue
+                if isinstance(event, ChatDone):
                     self.done = event
                 yield event
         finally:
@@ -247,6 +255,26 @@ def answer(
     )
     events = client.stream(messages, model=model, temperature=temperature, max_tokens=max_answer_tokens)
     return Answer(hits=list(kept), messages=messages, model=model, _events=events)  # type: ignore[arg-type]
+
+
+def is_looping(text: str, *, repeats: int = 3, min_length: int = 12) -> bool:
+    """True when a finished line of at least ``min_length`` characters has come ``repeats``
+    times: the model is repeating itself.
+
+    >>> is_looping("It is 8 minutes.\\nSee [1].\\nIt is 8 minutes.\\nSee [1].\\nIt is 8 minutes.\\n")
+    True
+    >>> is_looping("It is 8 minutes.\\nIt is 8 minutes.\\nIt is 8 min")
+    False
+    """
+    finished = text.split("\n")[:-1]  # the last piece may still be growing
+    counts: dict[str, int] = {}
+    for line in finished:
+        line = line.strip()
+        if len(line) >= min_length:
+            counts[line] = counts.get(line, 0) + 1
+            if counts[line] >= repeats:
+                return True
+    return False
 
 
 # --- Citations ------------------------------------------------------------------------------

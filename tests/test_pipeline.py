@@ -377,3 +377,14 @@ def test_citations_in(text: str, n: int, expected: list[int]) -> None:
 )
 def test_normalize_citations(text: str, expected: str) -> None:
     assert normalize_citations(text) == expected
+
+
+async def test_a_looping_answer_is_stopped_early() -> None:
+    line = "The answer to this question is: 8 minutes.\n"
+    endpoint = streaming("Light takes 8 minutes [1].\n", *([line] * 10), "never reached")
+    stream = answer(endpoint.client(), MODEL, "how long?", [hit(1, "Light takes 8 minutes.")],
+                    context_window=4096, max_answer_tokens=256, count=words)  # fmt: skip
+    events = await drain(stream)
+    assert events[-1] == ChatDone(finish_reason="repetition", usage=None, model=MODEL)
+    assert stream.text == "Light takes 8 minutes [1].\n" + line * 3
+    assert "never reached" not in stream.text
