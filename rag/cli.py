@@ -202,6 +202,10 @@ async def _stream_answer(question: str, hits: Sequence[Hit], settings: Settings)
             if isinstance(event, ChatDelta):
                 print(event.text, end="", flush=True)
         print()
+        if reply.done is not None and reply.done.finish_reason == "repetition":
+            print("(stopped: the model started repeating itself)")
+        elif reply.done is not None and reply.done.finish_reason == "length":
+            print(f"(cut off at {settings.max_answer_tokens} tokens: RAG_MAX_ANSWER_TOKENS)")
         cited = reply.citations()
         if cited:
             print("\nSources:")
