@@ -81,3 +81,49 @@ def test_real_cli_on_the_sample_corpus(tmp_path: Path) -> None:
     assert "Embedding model: all-MiniLM-L6-v2 (384 dimensions)" in status
     hits = run("search", "How often should a compost pile be turned?", "-k", "3")
     assert ".pdf, page" in hits.splitlines()[0]
+
+
+def fake_endpoint(answer_parts: list[str]):  # type: ignore[no-untyped-def]
+    import json
+
+    import httpx
+
+    from rag.chat import ChatClient
+    from rag.endpoints import Endpoint
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        events = [{"choices": [{"index": 0, "delta": {"content": p}, "finish_reason": None}]} for p in answer_parts]
+        events.append({"choices": [{"index": 0, "delta": {}, "finish_reason": "stop"}]})
+        body = "".join(f"data: {json.dumps(e)}\n\n" for e in events) + "data: [DONE]\n\n"
+        return httpx.Response(200, content=body.encode(), headers={"content-type": "text/event-stream"})
+
+    client = ChatClient("http://127.0.0.1:9/v1", client=httpx.AsyncClient(transport=httpx.MockTransport(handler)))
+
+    async def open_endpoint(settings):  # type: ignore[no-untyped-def]
+        return Endpoint("http://127.0.0.1:9/v1", "fake-model", ["fake-model"], 4096, True, client, "settings")
+
+    return open_endpoint
+
+
+def test_ask_streams_a_cited_answer(
+    project: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    assert cli.main(["index"]) == 0
+    capsys.readouterr()
+    monkeypatch.setattr("rag.endpoints.open_endpoint", fake_endpoint(["Owls hunt ", "at night [1]", " [4]."]))
+    assert cli.main(["ask", "when do owls hunt", "--min-relevance", "0.1"]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith("Owls hunt at night [1] [4].\n")
+    assert "Sources:\n  [1] owls.md\n" in out and "[4]" not in out.split("Sources:")[1]
+    assert "— fake-model (settings, http://127.0.0.1:9/v1)" in out
+
+
+def test_ask_without_relevant_passages_does_not_call_the_model(
+    project: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    assert cli.main(["index"]) == 0
+    capsys.readouterr()
+    monkeypatch.setattr("rag.endpoints.open_endpoint", lambda settings: pytest.fail("the model was asked"))
+    assert cli.main(["ask", "quantum chromodynamics lattice gauge"]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith("Your documents don't seem to contain the answer")
