@@ -45,7 +45,7 @@ from chainlit.input_widget import Select, Slider
 from chainlit.session import WebsocketSession
 
 from rag.chat import ChatDelta, ChatDone, Message
-from rag.config import RETRIEVAL_MODES, Settings, load_settings
+from rag.config import POLICIES, RETRIEVAL_MODES, Settings, load_settings
 from rag.embedding import Embedder, create_embedder
 from rag.endpoints import Endpoint, open_endpoint
 from rag.errors import (
@@ -57,6 +57,7 @@ from rag.errors import (
     IndexMismatchError,
     IndexMissingError,
     LoadError,
+    PolicyError,
     RagError,
     UnknownModelError,
 )
@@ -66,6 +67,7 @@ from rag.loaders import SUPPORTED_SUFFIXES, load_bytes
 from rag.pipeline import Answer, Retrieval, answer, citations_in, normalize_citations, retrieve, rewrite_question
 from rag.prompting import TokenCounter, default_token_counter
 from rag.retrieval import LiveIndex
+from rag.routing import Router
 from rag.types import Chunk, Hit, IndexReport
 
 log = logging.getLogger("rag.app")
@@ -389,11 +391,13 @@ class Preferences:
     temperature: float = 0.2
     mode: str = "hybrid"
     min_relevance: float = 0.25
+    policy: str = "local-only"  # routing (rag/routing.py)
 
     @classmethod
     def from_settings(cls, settings: Settings, model: str = "") -> "Preferences":
         return cls(model=model, top_k=settings.top_k, temperature=settings.temperature,
-                   mode=settings.retrieval_mode, min_relevance=settings.min_relevance)  # fmt: skip
+                   mode=settings.retrieval_mode, min_relevance=settings.min_relevance,
+                   policy=settings.policy)  # fmt: skip
 
 
 def apply_settings(prefs: Preferences, values: dict[str, Any], models: Sequence[str]) -> Preferences:
@@ -401,7 +405,7 @@ def apply_settings(prefs: Preferences, values: dict[str, Any], models: Sequence[
     values are clamped or ignored (the panel is a browser: trust nothing).
 
     >>> apply_settings(Preferences(), {"top_k": 50.0, "mode": "bm25", "model": "x"}, ["m"])
-    Preferences(model='', top_k=20, temperature=0.2, mode='bm25', min_relevance=0.25)
+    Preferences(model='', top_k=20, temperature=0.2, mode='bm25', min_relevance=0.25, policy='local-only')
     """
     changes: dict[str, Any] = {}
     with contextlib.suppress(TypeError, ValueError):
@@ -417,6 +421,8 @@ def apply_settings(prefs: Preferences, values: dict[str, Any], models: Sequence[
         changes["mode"] = values["mode"]
     if values.get("model") in models:
         changes["model"] = values["model"]
+    if values.get("policy") in POLICIES:
+        changes["policy"] = values["policy"]
     return replace(prefs, **changes)
 
 
@@ -506,6 +512,7 @@ class AppState:
         self.endpoint: Endpoint | None = None
         self.endpoint_error: BaseException | None = None
         self.endpoint_lock = asyncio.Lock()
+        self.routers: dict[str, Router] = {}  # by policy, when endpoints.toml names several endpoints
 
     # -- background work --
 
@@ -646,6 +653,16 @@ class AppState:
             task.cancel()
         if self.endpoint is not None:
             await self.drop_endpoint(RagError("the app is shutting down"))
+        for router in self.routers.values():
+            await router.aclose()
+
+    async def router(self, policy: str) -> Router | None:
+        """The router for ``policy`` when an endpoints file exists; None: the one endpoint."""
+        if not self.settings.endpoints_file.is_file():
+            return None
+        if policy not in self.routers:
+            self.routers[policy] = await Router.create(self.settings, policy=policy)
+        return self.routers[policy]
 
 
 def visible_change(root: Path, path: str) -> bool:
@@ -789,6 +806,8 @@ async def send_settings(chat: ChatState, endpoint: Endpoint | None) -> None:
         Slider(id="top_k", label="Passages per question (top-k)", initial=chat.prefs.top_k, min=1, max=20, step=1),
         Slider(id="temperature", label="Temperature", initial=chat.prefs.temperature, min=0, max=2, step=0.1),
         Select(id="mode", label="Retrieval mode", values=list(RETRIEVAL_MODES), initial_value=chat.prefs.mode),
+        Select(id="policy", label="Endpoints allowed (routing policy)", values=list(POLICIES),
+               initial_value=chat.prefs.policy),  # fmt: skip
         Slider(id="min_relevance", label="Relevance threshold (cosine similarity)",
                initial=chat.prefs.min_relevance, min=0, max=1, step=0.05),  # fmt: skip
     ]
@@ -950,6 +969,11 @@ async def ask(state: AppState, chat: ChatState, question: str) -> None:
     model = chat.prefs.model if endpoint is not None and chat.prefs.model in endpoint.models else ""
     if endpoint is not None and not model:
         model = endpoint.model
+    if endpoint is not None and not endpoint.local and chat.prefs.policy == "local-only":
+        # Routing (rag/routing.py): nothing, not even the rewrite request, goes to a remote host.
+        client, endpoint_error = None, PolicyError(
+            f"{endpoint.base_url} is not on this computer and the policy is local-only: "
+            "choose another policy in the settings")  # fmt: skip
 
     standalone = question
     if chat.history and client is not None:
@@ -972,7 +996,18 @@ async def ask(state: AppState, chat: ChatState, question: str) -> None:
         )  # fmt: skip
 
     stream: Answer | None = None
-    if found.relevant and client is not None:
+    # --- routing (rag/routing.py): several endpoints, or local-only against a remote one ---
+    router = await state.router(prefs.policy) if found.relevant else None
+    if router is not None:
+        try:
+            stream = await router.answer(
+                standalone, found.hits, chat.history, count=state.count, temperature=prefs.temperature,
+                max_answer_tokens=state.settings.max_answer_tokens,
+            )  # fmt: skip
+        except RagError as exc:
+            endpoint_error = exc
+    # --- end routing ---
+    elif found.relevant and client is not None:
         stream = answer(
             client, model, standalone, found.hits, chat.history,
             context_window=endpoint.context_window if endpoint is not None else state.settings.context_window,
@@ -1074,7 +1109,8 @@ async def finish_answer(state: AppState, msg: cl.Message, stream: Answer, starte
     cited = citations_in(text, len(stream.hits))
     if not text and not note:
         text = "_The model returned an empty answer._"
-    parts = [p for p in (text, note, sources_footer(stream.hits, cited, stream.model)) if p]
+    route = getattr(stream, "route", None)  # a RoutedAnswer says which endpoint answered and why
+    parts = [p for p in (text, note, sources_footer(stream.hits, cited, route.describe() if route else stream.model)) if p]
     msg.content = "\n\n".join(parts)
     msg.elements = [to_chainlit(e) for e in citation_elements(stream.hits, cited, state.settings.corpus_dir)]
     if started:

@@ -14,7 +14,7 @@ import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
-from rag.config import RETRIEVAL_MODES, Settings, load_settings
+from rag.config import POLICIES, RETRIEVAL_MODES, Settings, load_settings
 from rag.embedding import Embedder, create_embedder
 from rag.errors import RagError
 from rag.types import Hit, IndexReport
@@ -179,24 +179,17 @@ def cmd_ask(args: argparse.Namespace, settings: Settings) -> int:
         for hit in found.closest[:3]:
             print(format_hit(hit))
         return 0
-    return asyncio.run(_stream_answer(args.question, found.hits, settings))
+    return asyncio.run(_stream_answer(args.question, found.hits, settings, policy=args.policy))
 
 
-async def _stream_answer(question: str, hits: Sequence[Hit], settings: Settings) -> int:
-    from rag.endpoints import open_endpoint
-    from rag.pipeline import answer
+async def _stream_answer(question: str, hits: Sequence[Hit], settings: Settings, *, policy: str | None = None) -> int:
     from rag.chat import ChatDelta
+    from rag.routing import Router
 
-    endpoint = await open_endpoint(settings)
+    router = await Router.create(settings, policy=policy)
     try:
-        reply = answer(
-            endpoint.client,
-            endpoint.model,
-            question,
-            hits,
-            context_window=endpoint.context_window,
-            max_answer_tokens=settings.max_answer_tokens,
-            temperature=settings.temperature,
+        reply = await router.answer(
+            question, hits, max_answer_tokens=settings.max_answer_tokens, temperature=settings.temperature
         )
         async for event in reply:
             if isinstance(event, ChatDelta):
@@ -212,9 +205,77 @@ async def _stream_answer(question: str, hits: Sequence[Hit], settings: Settings)
         for number in cited:
             chunk = reply.hits[number - 1].chunk
             print(f"  [{number}] {chunk.source}" + (f", page {chunk.page}" if chunk.page else ""))
-        print(f"\n— {endpoint.model} ({endpoint.origin}, {endpoint.base_url})")
+        route = reply.route
+        assert route is not None
+        print(f"\n— {route.model} ({route.endpoint}, {route.base_url}) · policy {route.policy}")
+        if route.fallback:
+            print(f"  fallback: {route.fallback}")
     finally:
-        await endpoint.close()
+        await router.aclose()
+    return 0
+
+
+# --- compare (rag/compare.py) ---------------------------------------------------------------
+
+
+@command("compare")
+def cmd_compare(args: argparse.Namespace, settings: Settings) -> int:
+    import asyncio
+
+    return asyncio.run(_compare(args, settings))
+
+
+async def _compare(args: argparse.Namespace, settings: Settings) -> int:
+    import asyncio
+
+    from rag.compare import Target, load_questions, run_compare, write_report
+    from rag.index import IndexStore
+    from rag.indexing import index_params
+    from rag.pipeline import retrieve
+    from rag.prompting import default_token_counter
+    from rag.routing import Router
+
+    questions = load_questions(Path(args.questions), limit=args.limit)
+    embedder = make_embedder(settings)
+    if Path(args.questions).is_dir():  # BEIR: answer from that dataset's own corpus
+        from rag.evaluation import _dataset_key, build_eval_index
+        from rag.metrics import load_beir
+
+        corpus, _, _ = load_beir(Path(args.questions))
+        store = IndexStore(settings.data_dir / "eval" / f"{Path(args.questions).name}-{_dataset_key(Path(args.questions))}")
+        snapshot = build_eval_index(corpus, settings, embedder, store)
+    else:
+        snapshot = IndexStore(settings.index_dir).load(expected=index_params(settings, embedder))
+    k = args.k or settings.top_k
+
+    def find(question: str):  # type: ignore[no-untyped-def]
+        return retrieve(snapshot, embedder, question, k=k, mode=settings.retrieval_mode,
+                        min_relevance=settings.min_relevance)  # fmt: skip
+
+    router = await Router.create(settings, policy=args.policy)
+    try:
+        names = [n.strip() for n in args.endpoints.split(",")] if args.endpoints else [s.name for s in router.specs]
+        models = [m.strip() for m in args.models.split(",")] if args.models else []
+        specs = [router.spec(name) for name in names]
+        targets = [
+            Target(f"{spec.name}:{model}" if len(specs) > 1 else model or spec.label(), spec, model)
+            for spec in specs
+            for model in (models or [spec.model])
+        ]
+        if len(targets) < 2:
+            print("note: only one endpoint/model to compare: name more with --endpoints or --models")
+
+        def progress(run):  # type: ignore[no-untyped-def]
+            status = f"error: {run.error[:80]}" if run.error else f"{run.total:.1f} s, {len(run.text)} chars"
+            print(f"  {run.target:<28} {run.question.text[:50]:<50} {status}", flush=True)
+
+        result = await run_compare(questions, targets, router, find, count=default_token_counter(), on_run=progress)
+    finally:
+        await router.aclose()
+    result.notes.append(f"policy {router.policy}; top-k {k}; max answer tokens {settings.max_answer_tokens}; "
+                        f"temperature {settings.temperature}")  # fmt: skip
+    md, page = await asyncio.to_thread(write_report, result, Path(args.out))
+    print(f"Wrote {md} and {page}")
     return 0
 
 
@@ -268,6 +329,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-k", type=int, help="passages to retrieve (RAG_TOP_K)")
     p.add_argument("--mode", choices=RETRIEVAL_MODES, help="retrieval mode (RAG_RETRIEVAL_MODE)")
     p.add_argument("--min-relevance", type=float, help="relevance threshold (RAG_MIN_RELEVANCE)")
+    p.add_argument("--policy", choices=POLICIES, help="which endpoints may answer (RAG_POLICY, default local-only)")
+
+    p = sub.add_parser("compare", help="ask several endpoints/models the same questions; write a report")
+    p.add_argument("--questions", required=True, help="JSONL ({question, expected, relevant}), text, or a BEIR folder")
+    p.add_argument("--out", required=True, help="folder for report.md and report.html")
+    p.add_argument("--endpoints", help="names from endpoints.toml, comma-separated (default: all)")
+    p.add_argument("--models", help="models to ask at each endpoint, comma-separated (default: its model)")
+    p.add_argument("--policy", choices=POLICIES, help="local-only (default) refuses non-local endpoints")
+    p.add_argument("--limit", type=int, help="ask only the first N questions")
+    p.add_argument("-k", type=int, help="passages to retrieve (RAG_TOP_K)")
 
     p = sub.add_parser("status", help="what is indexed")
     p.add_argument("--files", action="store_true", help="list every indexed file")

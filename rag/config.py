@@ -22,6 +22,8 @@ from rag.errors import ConfigError
 ENV_PREFIX = "RAG_"
 DEFAULT_EMBEDDING_MODEL = "all-MiniLM-L6-v2"
 RETRIEVAL_MODES = ("hybrid", "dense", "bm25")
+# Routing between endpoints (rag/routing.py): local-only keeps every request on this machine.
+POLICIES = ("local-only", "local-first", "cloud-first", "by-task")
 # Cosine similarity (all-MiniLM-L6-v2) below which a passage is not relevant: on the sample
 # corpus off-topic questions peak at 0.28, on-topic ones start near 0.49.
 DEFAULT_MIN_RELEVANCE = 0.35
@@ -67,6 +69,9 @@ class Settings:
     context_window: int = 4096
     max_answer_tokens: int = 512
     temperature: float = 0.2
+    # Routing (rag/routing.py): which endpoints may answer, and the file that names them.
+    policy: str = "local-only"
+    endpoints_file: Path = Path("endpoints.toml")
 
     @property
     def index_dir(self) -> Path:
@@ -92,6 +97,8 @@ class Settings:
                 f"RAG_CHUNK_OVERLAP={self.chunk_overlap} must be at least 0 and below RAG_CHUNK_TOKENS "
                 f"({self.chunk_tokens})"
             )
+        if self.policy not in POLICIES:
+            raise ConfigError(f"RAG_POLICY={self.policy!r} is not one of {', '.join(POLICIES)}")
         if self.top_k < 1:
             raise ConfigError(f"RAG_TOP_K={self.top_k} must be at least 1")
         if self.max_file_mb <= 0:

@@ -5,6 +5,7 @@ boundary (``raise LoadError(...) from exc``) and the message says what to do abo
 
     RagError
     ├── ConfigError            a setting is missing or invalid (names the variable)
+    ├── PolicyError            the routing policy forbids a request (a non-local host under local-only)
     ├── LoadError              one file could not be read (names the file and the reason)
     ├── IndexError_            base for index problems (not the builtin IndexError)
     │   ├── IndexMissingError  nothing indexed yet (says to run `python -m rag index`)
@@ -31,6 +32,10 @@ class RagError(Exception):
 
 class ConfigError(RagError):
     """A setting is missing or invalid."""
+
+
+class PolicyError(RagError):
+    """The routing policy forbids a request (e.g. to a non-local host under ``local-only``)."""
 
 
 class LoadError(RagError):

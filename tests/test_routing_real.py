@@ -1,0 +1,112 @@
+"""Fallback with real servers: the embedded runtime (real smollm2) and a second local endpoint
+that is stopped (nothing listens on its port) or slow (a tiny HTTP server that never sends a
+first token in time). The answer must come from the runtime and say why."""
+
+from __future__ import annotations
+
+import asyncio
+import shutil
+import socket
+import threading
+import time
+from collections.abc import Iterator
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+
+import pytest
+
+from rag.chat import ChatDelta
+from rag.config import Settings
+from rag.modelbuild import is_built
+from rag.routing import EndpointsConfig, EndpointSpec, Router
+from rag.types import Chunk, Hit
+
+pytestmark = pytest.mark.slow
+
+ROOT = Path(__file__).resolve().parents[1]
+BUILT = ROOT / ".rag" / "models" / "smollm2-135m"
+HITS = [Hit(Chunk("c1", "home-composting-field-guide.pdf", "Turn the pile every 2 to 3 weeks so it gets air.",
+                  0, 10, page=2), 1.0, 1, similarity=0.8)]  # fmt: skip
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@pytest.fixture(scope="module")
+def runtime_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    if not is_built(BUILT):
+        pytest.skip("smollm2-135m is not built: run `python -m rag model build`")
+    from rag.server import start_background
+
+    data = tmp_path_factory.mktemp("data")
+    (data / "models").mkdir()
+    # Symlinked, not copied: the model files are 90 MB.
+    (data / "models" / "smollm2-135m").symlink_to(BUILT, target_is_directory=True)
+    url, stop = start_background(Settings(data_dir=data), model_dirs=[data / "models" / "smollm2-135m"])
+    yield url
+    stop()
+    shutil.rmtree(data, ignore_errors=True)
+
+
+class Slow(BaseHTTPRequestHandler):
+    """Lists a model, then holds every chat request without answering."""
+
+    def log_message(self, *args: object) -> None:
+        pass
+
+    def do_GET(self) -> None:  # noqa: N802
+        body = b'{"object": "list", "data": [{"id": "slow-model", "object": "model", "context_length": 8192}]}'
+        self.send_response(200)
+        self.send_header("content-type", "application/json")
+        self.send_header("content-length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def do_POST(self) -> None:  # noqa: N802
+        self.rfile.read(int(self.headers.get("content-length", 0)))
+        time.sleep(6)
+
+
+@pytest.fixture
+def slow_url() -> Iterator[str]:
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Slow)
+    server.daemon_threads = True
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    yield f"http://127.0.0.1:{server.server_address[1]}/v1"
+    server.shutdown()
+    server.server_close()
+
+
+async def ask(specs: list[EndpointSpec], tmp_path: Path) -> tuple[str, str, str]:
+    settings = Settings(data_dir=tmp_path, connect_retries=0, first_token_timeout=60, max_answer_tokens=48)
+    router = Router(EndpointsConfig(tuple(specs), {}, "test"), settings, policy="local-first")
+    try:
+        reply = await router.answer("How often should a compost pile be turned?", HITS)
+        text = "".join([e.text async for e in reply if isinstance(e, ChatDelta)])
+    finally:
+        await router.aclose()
+    assert reply.route is not None
+    return text, reply.route.endpoint, reply.route.fallback
+
+
+def test_stopped_endpoint_falls_back_to_the_runtime(runtime_url: str, tmp_path: Path) -> None:
+    stopped = EndpointSpec("stopped", f"http://127.0.0.1:{free_port()}/v1", "gemma3-270m", context_window=8192)
+    runtime = EndpointSpec("runtime", runtime_url, "smollm2-135m")
+    text, endpoint, why = asyncio.run(ask([stopped, runtime], tmp_path))
+    assert endpoint == "runtime" and text.strip()
+    assert why.startswith("stopped gemma3-270m unreachable: nothing answers at http://127.0.0.1:")
+
+
+def test_slow_endpoint_times_out_before_the_first_token_and_falls_back(
+    runtime_url: str, slow_url: str, tmp_path: Path
+) -> None:
+    slow = EndpointSpec("slow", slow_url, "slow-model", first_token_timeout=1.5)
+    runtime = EndpointSpec("runtime", runtime_url, "smollm2-135m")
+    started = time.perf_counter()
+    text, endpoint, why = asyncio.run(ask([slow, runtime], tmp_path))
+    assert endpoint == "runtime" and text.strip()
+    assert why.startswith("slow slow-model timed out:") and "first-token timeout" in why
+    assert time.perf_counter() - started < 60
