@@ -730,10 +730,13 @@ async def on_app_startup() -> None:
     state = get_state()
     log.info("corpus %s, index %s", state.settings.corpus_dir, state.settings.index_dir)
 
+    # Watch first: a file that lands while the start-up indexing runs triggers another update
+    # (updates are serialised), instead of waiting for the next change in the folder.
+    state.spawn(state.watch())
+
     async def start() -> None:
         with contextlib.suppress(Exception):  # already logged; chats show startup_error
             await state.prepare()
-        await state.watch()
 
     state.spawn(start())
 

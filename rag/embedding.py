@@ -94,6 +94,7 @@ class SentenceTransformerEmbedder(Embedder):
         self._path = _packaged_model_path(name)
         self._model: Any = None
         self._lock = threading.Lock()
+        self._query_lock = threading.Lock()
         # all-MiniLM-L6-v2's values; replaced by the loaded model's own on first use.
         self.dimension = 384 if name.endswith(DEFAULT_EMBEDDING_MODEL) else 0
         self.max_tokens = 256 if name.endswith(DEFAULT_EMBEDDING_MODEL) else 0
@@ -132,6 +133,20 @@ class SentenceTransformerEmbedder(Embedder):
 
                     self._tokenizer = AutoTokenizer.from_pretrained(self._path)
         return self._tokenizer
+
+    def embed_query(self, text: str) -> np.ndarray:
+        """One short text: on one thread. Splitting a single query across cores buys nothing and,
+        when the cores are busy (indexing, the model server), costs up to ten times more
+        (measured: 40 ms on one thread against 724 ms on two, see docs/benchmarks.md)."""
+        import torch
+
+        with self._query_lock:
+            previous = torch.get_num_threads()
+            torch.set_num_threads(1)
+            try:
+                return super().embed_query(text)
+            finally:
+                torch.set_num_threads(previous)
 
     def count_tokens(self, text: str) -> int:
         return len(self.tokenizer(text, add_special_tokens=True, truncation=False, verbose=False)["input_ids"])
