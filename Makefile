@@ -13,7 +13,7 @@ BUILD_VENV := .venv-build
 BUILD_STAMP := $(BUILD_VENV)/.installed-stamp
 PORT ?= 8000
 
-.PHONY: install build-env model models run index serve browser test test-fast clean-index
+.PHONY: install build-env llama-env model models run index serve browser test test-fast clean-index
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -34,6 +34,17 @@ $(BUILD_STAMP): Makefile
 	touch $(BUILD_STAMP)
 
 build-env: $(BUILD_STAMP)
+
+# An independent OpenAI-compatible server (llama.cpp) for testing our client against a server we did
+# not write. It compiles from source (~6 min on 2 cores), once; never part of `make run`.
+LLAMA_VENV := .venv-llama
+LLAMA_STAMP := $(LLAMA_VENV)/.installed-stamp
+$(LLAMA_STAMP):
+	test -x $(LLAMA_VENV)/bin/python || $(PYTHON) -m venv $(LLAMA_VENV)
+	$(LLAMA_VENV)/bin/pip install --quiet 'llama-cpp-python[server]==0.3.36'
+	touch $(LLAMA_STAMP)
+
+llama-env: $(LLAMA_STAMP)
 
 # The offline default model (SmolLM2-135M-Instruct, int4 ONNX); built once, then reused.
 model: install build-env
@@ -61,7 +72,7 @@ browser:
 	    if [ "$$(id -u)" = 0 ]; then apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium; \
 	    else echo "install chromium first: sudo apt-get install -y chromium" >&2; exit 1; fi; }
 
-test: install model browser
+test: install model browser llama-env
 	$(PY) -m pytest
 
 test-fast: install
