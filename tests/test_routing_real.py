@@ -80,9 +80,11 @@ def slow_url() -> Iterator[str]:
     server.server_close()
 
 
-async def ask(specs: list[EndpointSpec], tmp_path: Path) -> tuple[str, str, str]:
+async def ask(
+    specs: list[EndpointSpec], tmp_path: Path, *, policy: str = "local-first", by_task: dict[str, str] | None = None
+) -> tuple[str, str, str]:
     settings = Settings(data_dir=tmp_path, connect_retries=0, first_token_timeout=60, max_answer_tokens=48)
-    router = Router(EndpointsConfig(tuple(specs), {}, "test"), settings, policy="local-first")
+    router = Router(EndpointsConfig(tuple(specs), by_task or {}, "test"), settings, policy=policy)
     try:
         reply = await router.answer("How often should a compost pile be turned?", HITS)
         text = "".join([e.text async for e in reply if isinstance(e, ChatDelta)])
@@ -110,3 +112,25 @@ def test_slow_endpoint_times_out_before_the_first_token_and_falls_back(
     assert endpoint == "runtime" and text.strip()
     assert why.startswith("slow slow-model timed out:") and "first-token timeout" in why
     assert time.perf_counter() - started < 60
+
+
+def test_cloud_first_falls_back_to_local_when_the_cloud_is_down(runtime_url: str, tmp_path: Path) -> None:
+    # A stopped loopback port stands in for the cloud: marked not local, so cloud-first tries it first.
+    cloud = EndpointSpec("cloud", f"http://127.0.0.1:{free_port()}/v1", "gpt-big", context_window=8192, local=False)
+    runtime = EndpointSpec("runtime", runtime_url, "smollm2-135m")
+    text, endpoint, why = asyncio.run(ask([runtime, cloud], tmp_path, policy="cloud-first"))
+    assert endpoint == "runtime" and text.strip()
+    assert why.startswith("cloud gpt-big unreachable: nothing answers at http://127.0.0.1:")
+
+
+def test_by_task_falls_back_to_local_when_the_chosen_endpoint_is_slow(
+    runtime_url: str, slow_url: str, tmp_path: Path
+) -> None:
+    slow = EndpointSpec("summariser", slow_url, "slow-model", first_token_timeout=1.5)
+    runtime = EndpointSpec("runtime", runtime_url, "smollm2-135m")
+    # The compost question is "general"; the rule sends general questions to the slow endpoint.
+    text, endpoint, why = asyncio.run(
+        ask([runtime, slow], tmp_path, policy="by-task", by_task={"general": "summariser"})
+    )
+    assert endpoint == "runtime" and text.strip()
+    assert why.startswith("summariser slow-model timed out:")
