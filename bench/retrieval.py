@@ -15,8 +15,7 @@ The index is a ``Snapshot`` filled with ``put_file`` (as the indexer does), sear
 ``Retriever.search`` (k=5, 50 candidates per retriever, as the app does). For every query, the
 modes run one after another in a rotating order, so a change in the machine's load hits them
 all alike. The BM25 term-score cache is cleared before each timed search (the first query
-after an update; the slow case) except in the row marked warm. Two rows limit torch to one
-intra-op thread for the call (on a busy two-core machine, two threads can wait on each other).
+after an update; the slow case) except in the row marked warm.
 
 IVF is the approximate index ``Snapshot.update_ann`` builds (~sqrt(n) lists); its recall@10
 and recall@50 (the hybrid's candidate depth) are measured against exact search on the same
@@ -50,21 +49,6 @@ WARMUP = 10
 
 def query_top1(vectors: np.ndarray, queries: np.ndarray) -> float:
     return float((queries @ vectors.T).max(axis=1).mean())
-
-
-def one_thread(fn: Callable[[str], object]) -> Callable[[str], object]:
-    """``fn`` with torch limited to one intra-op thread (restored after each call)."""
-    import torch
-
-    def run(query: str) -> object:
-        threads = torch.get_num_threads()
-        torch.set_num_threads(1)
-        try:
-            return fn(query)
-        finally:
-            torch.set_num_threads(threads)
-
-    return run
 
 
 def timed(fn: Callable[[], object]) -> tuple[float, object]:
@@ -142,8 +126,6 @@ def main(argv: list[str] | None = None) -> int:
         for p in nprobes:
             modes[f"hybrid, IVF nprobe {p}"] = search("hybrid", p)
         default_mode = f"hybrid, IVF nprobe {DEFAULT_NPROBE}" if default_uses_ivf else "hybrid, exact"
-        modes["query embedding only, 1 torch thread"] = one_thread(embedder.embed_query)
-        modes[f"{default_mode}, 1 torch thread"] = one_thread(modes[default_mode])
         modes[f"{default_mode}, warm BM25 cache"] = search("hybrid", DEFAULT_NPROBE if default_uses_ivf else None,
                                                            cold=False)
         names = list(modes)
