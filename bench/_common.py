@@ -322,22 +322,17 @@ def chunk_corpus(settings, embedder) -> list[ChunkedFile]:  # type: ignore[no-un
     """The chunk texts ``sync_index`` would embed for ``settings.corpus_dir``, file by file.
 
     The same calls as ``rag.indexing.sync_index``: scan, read bytes, ``load_bytes``,
-    ``split_documents`` with the embedder's tokenizer and window, ``embedding_text``.
+    ``chunk_documents`` (the embedder's tokenizer and window), ``embedding_text``.
     """
-    from rag.chunking import embedding_text, split_documents
+    from rag.chunking import embedding_text
+    from rag.indexing import chunk_documents
     from rag.loaders import load_bytes, scan_corpus
 
     scan = scan_corpus(settings.corpus_dir, max_bytes=settings.max_file_bytes)
     out = []
     for file in scan.files:
         documents = load_bytes(file.source, file.path.read_bytes())
-        chunks = split_documents(
-            documents,
-            max_tokens=settings.chunk_tokens,
-            overlap_tokens=settings.chunk_overlap,
-            count_tokens=embedder.count_tokens,
-            window=embedder.max_tokens or None,
-        )
+        chunks = chunk_documents(documents, settings, embedder)
         out.append(ChunkedFile(file.source, tuple(embedding_text(c) for c in chunks)))
     return out
 

@@ -12,12 +12,12 @@ import hashlib
 from dataclasses import dataclass
 from pathlib import Path
 
-from rag.chunking import embedding_text, split_documents
+from rag.chunking import embedding_text
 from rag.config import RETRIEVAL_MODES, Settings
 from rag.embedding import Embedder
 from rag.errors import IndexMismatchError, IndexMissingError
 from rag.index import FileRecord, IndexStore, Snapshot
-from rag.indexing import index_params
+from rag.indexing import chunk_documents, index_params
 from rag.metrics import evaluate_run, load_beir
 from rag.retrieval import Retriever
 from rag.types import Document
@@ -52,13 +52,7 @@ def build_eval_index(
         pass
     snapshot = Snapshot(params=params)
     documents = [Document(source=doc_id, text=text, title=title) for doc_id, (title, text) in corpus.items()]
-    chunks = split_documents(
-        [d for d in documents if d.text.strip()],
-        max_tokens=settings.chunk_tokens,
-        overlap_tokens=settings.chunk_overlap,
-        count_tokens=embedder.count_tokens,
-        window=embedder.max_tokens or None,
-    )
+    chunks = chunk_documents([d for d in documents if d.text.strip()], settings, embedder)
     texts = [embedding_text(c) for c in chunks]
     vectors = embedder.embed(texts)
     by_source: dict[str, list[int]] = {}

@@ -31,7 +31,7 @@ from rag.embedding import Embedder
 from rag.errors import IndexMismatchError, IndexMissingError, LoadError
 from rag.index import FileRecord, IndexParams, IndexStore, Snapshot
 from rag.loaders import CorpusFile, load_bytes, scan_corpus
-from rag.types import Chunk, IndexReport, SkippedFile
+from rag.types import Chunk, Document, IndexReport, SkippedFile
 
 CHUNKER_VERSION = "structure-v1"
 
@@ -44,6 +44,18 @@ def index_params(settings: Settings, embedder: Embedder) -> IndexParams:
         chunk_overlap=settings.chunk_overlap,
         window=embedder.max_tokens,
         chunker=CHUNKER_VERSION,
+    )
+
+
+def chunk_documents(documents: list[Document], settings: Settings, embedder: Embedder) -> list[Chunk]:
+    """Chunk as the index does: the settings' sizes, measured with the embedder's own tokenizer
+    and kept inside its window. The evaluation and the benchmarks call this too."""
+    return split_documents(
+        documents,
+        max_tokens=settings.chunk_tokens,
+        overlap_tokens=settings.chunk_overlap,
+        count_tokens=embedder.count_tokens,
+        window=embedder.max_tokens or None,
     )
 
 
@@ -184,13 +196,7 @@ def sync_index(
                     unchanged.append(file.source)
                     continue
                 documents = load_bytes(file.source, data)
-                chunks = split_documents(
-                    documents,
-                    max_tokens=settings.chunk_tokens,
-                    overlap_tokens=settings.chunk_overlap,
-                    count_tokens=embedder.count_tokens,
-                    window=embedder.max_tokens or None,
-                )
+                chunks = chunk_documents(documents, settings, embedder)
             except LoadError as exc:
                 skipped.append(SkippedFile(file.source, exc.reason))
                 if file.source in work.files:
