@@ -49,6 +49,9 @@ class Settings:
     # Embedding.
     embedding_model: str = DEFAULT_EMBEDDING_MODEL
     embed_batch_size: int = 16
+    # Texts from consecutive files embedded in one call, batched by length; a checkpoint
+    # commits whole groups.
+    embed_group: int = 512
     # Retrieval.
     top_k: int = 5
     retrieval_mode: str = "hybrid"
@@ -69,6 +72,8 @@ class Settings:
     context_window: int = 4096
     max_answer_tokens: int = 512
     temperature: float = 0.2
+    # rag serve: streamed tokens gather this long between writes (0: one event per token).
+    serve_flush_ms: float = 25.0
     # Routing (rag/routing.py): which endpoints may answer, and the file that names them.
     policy: str = "local-only"
     endpoints_file: Path = Path("endpoints.toml")
@@ -101,6 +106,11 @@ class Settings:
             raise ConfigError(f"RAG_POLICY={self.policy!r} is not one of {', '.join(POLICIES)}")
         if self.top_k < 1:
             raise ConfigError(f"RAG_TOP_K={self.top_k} must be at least 1")
+        if self.embed_batch_size < 1 or self.embed_group < 1:
+            raise ConfigError(
+                f"RAG_EMBED_BATCH_SIZE={self.embed_batch_size} and RAG_EMBED_GROUP={self.embed_group} "
+                "must be at least 1"
+            )
         if self.max_file_mb <= 0:
             raise ConfigError(f"RAG_MAX_FILE_MB={self.max_file_mb} must be positive")
 

@@ -43,13 +43,20 @@ class Embedder:
     def embed(
         self, texts: Sequence[str], *, on_batch: Callable[[int], None] | None = None
     ) -> np.ndarray:
-        """Embed ``texts`` in batches; returns an ``(n, dimension)`` float32 array of unit rows."""
+        """Embed ``texts`` in batches; returns an ``(n, dimension)`` float32 array of unit rows.
+
+        Batches are cut from the texts ordered longest first, so that texts of like length share
+        a batch: the model pads every batch to its longest text, and the padding is work thrown
+        away (cut in input order, a build's batches held 29 % more word-pieces than the
+        text; see docs/benchmarks.md). Rows come back in the input order.
+        """
         out = np.zeros((len(texts), self.dimension), dtype=np.float32)
-        for start in range(0, len(texts), self.batch_size):
-            batch = list(texts[start : start + self.batch_size])
-            out[start : start + len(batch)] = normalize(self.embed_batch(batch))
+        order = sorted(range(len(texts)), key=lambda i: -len(texts[i]))
+        for start in range(0, len(order), self.batch_size):
+            rows = order[start : start + self.batch_size]
+            out[rows] = normalize(self.embed_batch([texts[i] for i in rows]))
             if on_batch is not None:
-                on_batch(len(batch))
+                on_batch(len(rows))
         return out
 
     def embed_query(self, text: str) -> np.ndarray:

@@ -19,7 +19,7 @@ from __future__ import annotations
 import hashlib
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 import numpy as np
@@ -109,6 +109,13 @@ class _VectorCache:
         if key is not None and self._snapshot is not None and key in self._snapshot.chunks:
             return self._snapshot.vector(key)
         return None
+
+    def has(self, text: str) -> bool:
+        h = _text_hash(text)
+        if h in self._fresh:
+            return True
+        key = self._keys.get(h)
+        return key is not None and self._snapshot is not None and key in self._snapshot.chunks
 
     def put(self, text: str, vector: np.ndarray) -> None:
         self._fresh[_text_hash(text)] = vector
@@ -220,34 +227,23 @@ def sync_index(
         last_checkpoint = time.monotonic()
         bar = progress(total=total_new, desc="embedding", unit="chunk")
         try:
-            for item in pending:
-                vectors = np.zeros((len(item.texts), params.dimension), dtype=np.float32)
-                missing = []
-                for row, text in enumerate(item.texts):
-                    vector = cache.get(text)
-                    if vector is None:
-                        missing.append(row)
-                    else:
-                        vectors[row] = vector
-                if missing:
-                    fresh = embedder.embed([item.texts[r] for r in missing], on_batch=bar.update)
-                    for row, vector in zip(missing, fresh, strict=True):
-                        vectors[row] = vector
-                        cache.put(item.texts[row], vector)
-                    embedded += len(missing)
-                work.put_file(
-                    FileRecord(
-                        item.file.source,
-                        item.sha256,
-                        item.file.size,
-                        item.file.mtime_ns,
-                        tuple(c.id for c in item.chunks),
-                    ),
-                    item.chunks,
-                    vectors,
-                    item.texts,
-                )
-                (added if item.is_new else updated).append(item.file.source)
+            for group in _groups(pending, cache, settings.embed_group):
+                embedded += _embed_group(group, cache, embedder, on_batch=bar.update)
+                for item in group:
+                    vectors = np.stack([cache.get(text) for text in item.texts]).astype(np.float32, copy=False)
+                    work.put_file(
+                        FileRecord(
+                            item.file.source,
+                            item.sha256,
+                            item.file.size,
+                            item.file.mtime_ns,
+                            tuple(c.id for c in item.chunks),
+                        ),
+                        item.chunks,
+                        vectors,
+                        item.texts,
+                    )
+                    (added if item.is_new else updated).append(item.file.source)
                 if time.monotonic() - last_checkpoint > checkpoint_seconds:
                     store.commit(work, extra=_extra(skipped))
                     last_checkpoint = time.monotonic()
@@ -285,13 +281,51 @@ def _extra(skipped: list[SkippedFile]) -> dict:
     return {"skipped": [{"source": s.source, "reason": s.reason} for s in skipped]}
 
 
+def _groups(pending: list[_Pending], cache: _VectorCache, size: int) -> Iterator[list[_Pending]]:
+    """Consecutive files, gathered until they hold at least ``size`` texts to embed.
+
+    One ``embed`` call per group lets the embedder batch texts of like length from many files
+    (a file's own few chunks make short, ragged batches); a group is also the unit of a
+    checkpoint, so a kill loses at most one group beyond ``RAG_CHECKPOINT_SECONDS``
+    (``RAG_EMBED_GROUP``, 512 texts: a few seconds of embedding on a laptop CPU).
+    """
+    group: list[_Pending] = []
+    fresh: set[bytes] = set()
+    for item in pending:
+        group.append(item)
+        fresh.update(_text_hash(text) for text in item.texts if not cache.has(text))
+        if len(fresh) >= size:
+            yield group
+            group, fresh = [], set()
+    if group:
+        yield group
+
+
+def _embed_group(
+    group: list[_Pending], cache: _VectorCache, embedder: Embedder, *, on_batch: Callable[[int], None]
+) -> int:
+    """Embed, in one call, every text of ``group`` the cache lacks (each distinct text once);
+    returns how many were embedded."""
+    missing: dict[bytes, str] = {}
+    for item in group:
+        for text in item.texts:
+            if not cache.has(text):
+                missing.setdefault(_text_hash(text), text)
+    if not missing:
+        return 0
+    texts = list(missing.values())
+    for text, vector in zip(texts, embedder.embed(texts, on_batch=on_batch), strict=True):
+        cache.put(text, vector)
+    return len(texts)
+
+
 def _count_uncached(pending: list[_Pending], cache: _VectorCache) -> int:
     seen: set[bytes] = set()
     count = 0
     for item in pending:
         for text in item.texts:
             h = _text_hash(text)
-            if h not in seen and cache.get(text) is None:
+            if h not in seen and not cache.has(text):
                 count += 1
             seen.add(h)
     return count

@@ -25,6 +25,18 @@ def test_fake_is_deterministic_text_dependent_and_batched() -> None:
     np.testing.assert_array_equal(va[0], va[3])
 
 
+def test_batches_hold_texts_of_like_length_and_rows_keep_input_order() -> None:
+    texts = ["a b", "a b c d e f g h", "a", "a b c d e f g", "a b c", "a b c d e f"]
+    batched, single = FakeEmbedder(batch_size=2), FakeEmbedder(batch_size=1)
+    sizes: list[int] = []
+    vectors = batched.embed(texts, on_batch=sizes.append)
+    # Longest first, two at a time: the two longest share a batch, the two shortest another.
+    assert batched.embedded == sorted(texts, key=len, reverse=True)
+    assert sizes == [2, 2, 2]
+    np.testing.assert_array_equal(vectors, single.embed(texts))
+    assert single.embedded == sorted(texts, key=len, reverse=True)
+
+
 def test_unknown_model_name_is_a_config_error() -> None:
     with pytest.raises(ConfigError, match="RAG_EMBEDDING_MODEL='no-such-model'"):
         create_embedder("no-such-model")
@@ -53,6 +65,14 @@ def test_real_token_count_matches_the_models_tokenizer(real: SentenceTransformer
 
 
 @pytest.mark.slow
+@pytest.mark.slow
+def test_real_model_rows_follow_the_input_order_whatever_the_batching(real: SentenceTransformerEmbedder) -> None:
+    texts = ["Short.", "A much longer sentence about lighthouses and their keepers.", "Mid-length text here."]
+    together = real.embed(texts)
+    alone = np.stack([real.embed([t])[0] for t in texts])
+    np.testing.assert_allclose(together, alone, atol=1e-5)
+
+
 def test_real_model_really_truncates_past_its_window(real: SentenceTransformerEmbedder) -> None:
     # Why chunks must stay inside the window: words past 256 word-pieces change nothing.
     head = " ".join(["alpha"] * 300)

@@ -6,6 +6,7 @@ import os
 import hashlib
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from rag.config import Settings
@@ -201,10 +202,33 @@ def test_file_deleted_between_scan_and_read_is_skipped(settings: Settings, monke
     assert report2.added == () and report2.skipped == ()
 
 
+def test_chunks_of_many_files_are_embedded_together_in_groups(settings: Settings) -> None:
+    many_files(settings.corpus_dir, 7)
+    write(settings.corpus_dir, "copy.md", "# File 0\n\nThis note number 0 talks about topic0 and more.\n")
+    calls: list[int] = []
+
+    class Counting(FakeEmbedder):
+        def embed(self, texts, **kwargs):  # type: ignore[no-untyped-def]
+            calls.append(len(texts))
+            return super().embed(texts, **kwargs)
+
+    report = sync_index(settings.replace(embed_group=3), Counting())
+    # Files are gathered until a group holds 3 texts to embed; a text already embedded (the
+    # copy of file 0) is not embedded twice.
+    assert calls == [3, 3, 1]
+    assert report.chunks_embedded == 7 and report.chunks_total == 8
+    one_by_one = settings.replace(data_dir=settings.data_dir.parent / "one-by-one", embed_group=1)
+    sync_index(one_by_one, FakeEmbedder())
+    grouped, single = IndexStore(settings.index_dir).load(), IndexStore(one_by_one.index_dir).load()
+    assert {s: r.chunk_ids for s, r in grouped.files.items()} == {s: r.chunk_ids for s, r in single.files.items()}
+    for key in single.chunks:
+        np.testing.assert_array_equal(grouped.vector(key), single.vector(key))
+
+
 def test_checkpoints_commit_finished_files_along_the_way(settings: Settings) -> None:
     many_files(settings.corpus_dir, 6)
     store = IndexStore(settings.index_dir)
-    sync_index(settings, FakeEmbedder(), checkpoint_seconds=0.0)
+    sync_index(settings.replace(embed_group=1), FakeEmbedder(), checkpoint_seconds=0.0)
     # One generation per checkpoint plus the final one; only the newest two are kept.
     assert store.current_generation() == "gen-000007"
     assert len(store.load().files) == 6

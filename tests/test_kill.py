@@ -28,7 +28,7 @@ WORKER = textwrap.dedent(
     from rag.config import Settings
     from rag.indexing import sync_index
     from tests.fakes import SlowFakeEmbedder
-    settings = Settings(corpus_dir=Path({corpus!r}), data_dir=Path({data!r}))
+    settings = Settings(corpus_dir=Path({corpus!r}), data_dir=Path({data!r}), embed_group=4)
     sync_index(settings, SlowFakeEmbedder(delay=0.01, batch_size=4), checkpoint_seconds=0.0, wait_for_lock=True)
     print("done", flush=True)
     """
@@ -90,6 +90,7 @@ def test_kill_the_real_cli_indexer_then_rerun(tmp_path: Path) -> None:
         "RAG_CORPUS_DIR": str(corpus),
         "RAG_DATA_DIR": str(data),
         "RAG_CHECKPOINT_SECONDS": "1",
+        "RAG_EMBED_GROUP": "16",
         "HF_HUB_OFFLINE": "1",
     }
     proc = subprocess.Popen([sys.executable, "-m", "rag", "index"], cwd=tmp_path, env=env)
