@@ -21,6 +21,7 @@ from rag.server import (
     APIError,
     FairLock,
     OpenAIServer,
+    coalesce,
     default_model_sources,
     find_running,
     make_server,
@@ -171,6 +172,73 @@ def test_stream_has_openai_shape(server: OpenAIServer, client: httpx.Client) -> 
     assert usage["choices"] == [] and usage["usage"] == {"prompt_tokens": 2, "completion_tokens": 3, "total_tokens": 5}
     assert {e["object"] for e in events[:-1]} == {"chat.completion.chunk"}
     assert len({e["id"] for e in events[:-1]}) == 1
+
+
+def test_tokens_ready_together_are_sent_together(runtime: FakeRuntime, client: httpx.Client) -> None:
+    runtime.delay = 0.004
+    words = " ".join(f"w{i}" for i in range(40))
+    for flush_ms, fewer in ((25.0, True), (0.0, False)):
+        httpd = make_server(runtime, flush_ms=flush_ms)
+        threading.Thread(target=httpd.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True).start()
+        try:
+            text, events = stream_text(client, httpd.url, chat(words))
+        finally:
+            httpd.shutdown()
+            httpd.server_close()
+        pieces = [e["choices"][0]["delta"]["content"] for e in events[1:-2]]
+        assert text == "echo: " + words + " "
+        if fewer:  # 41 tokens 4 ms apart, gathered for 25 ms after each write
+            assert len(pieces) <= 20 and pieces[0] == "echo: "
+        else:
+            assert pieces == ["echo: ", *(f"w{i} " for i in range(40))]
+
+
+def test_coalesce_sends_the_first_piece_at_once_and_joins_the_rest() -> None:
+    def slow() -> Iterator[str]:
+        yield "first "
+        time.sleep(0.2)
+        for i in range(5):
+            yield f"p{i} "
+
+    started = time.perf_counter()
+    out = coalesce(slow(), 0.1)
+    assert next(out) == "first "
+    assert time.perf_counter() - started < 0.1
+    rest = list(out)
+    assert "".join(rest) == "p0 p1 p2 p3 p4 " and len(rest) < 5
+
+
+def test_coalesce_raises_the_error_after_the_text_before_it() -> None:
+    def failing() -> Iterator[str]:
+        yield "a"
+        yield "b"
+        raise EndpointError("model crashed")
+
+    out = coalesce(failing(), 0.05)
+    got = []
+    with pytest.raises(EndpointError, match="model crashed"):
+        for piece in out:
+            got.append(piece)
+    assert "".join(got) == "ab"
+
+
+def test_closing_coalesce_stops_reading_the_source() -> None:
+    read: list[int] = []
+
+    def endless() -> Iterator[str]:
+        i = 0
+        while True:
+            read.append(i)
+            time.sleep(0.005)
+            yield str(i)
+            i += 1
+
+    out = coalesce(endless(), 0.02)
+    next(out)
+    out.close()  # returns once the reader has stopped
+    count = len(read)
+    time.sleep(0.1)
+    assert len(read) == count
 
 
 def test_stream_without_include_usage_has_no_usage_chunk(server: OpenAIServer, client: httpx.Client) -> None:
