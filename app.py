@@ -33,7 +33,7 @@ import os
 import re
 import time
 import unicodedata
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import AsyncIterator, Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -44,7 +44,7 @@ from chainlit.context import init_ws_context
 from chainlit.input_widget import Select, Slider
 from chainlit.session import WebsocketSession
 
-from rag.chat import ChatDelta, ChatDone, Message
+from rag.chat import ChatDelta, ChatDone, ChatEvent, Message
 from rag.config import POLICIES, RETRIEVAL_MODES, Settings, load_settings
 from rag.embedding import Embedder, create_embedder
 from rag.endpoints import Endpoint, open_endpoint
@@ -481,6 +481,9 @@ class ProgressEmbedder(Embedder):
     def embed_batch(self, texts: Sequence[str]) -> Any:
         return self.inner.embed_batch(texts)
 
+    def embed_query(self, text: str) -> Any:
+        return self.inner.embed_query(text)  # the inner embedder's fast path for one query
+
     def embed(self, texts: Sequence[str], *, on_batch: Callable[[int], None] | None = None) -> Any:
         if on_batch is None:
             return self.inner.embed(texts)
@@ -497,7 +500,9 @@ class AppState:
 
     def __init__(self, settings: Settings, embedder: Embedder | None = None) -> None:
         self.settings = settings
-        inner = embedder or create_embedder(settings.embedding_model, batch_size=settings.embed_batch_size)
+        inner = embedder or create_embedder(
+            settings.embedding_model, batch_size=settings.embed_batch_size, cache_dir=settings.cache_dir
+        )
         self.embedder = ProgressEmbedder(inner)
         self.live = LiveIndex(IndexStore(settings.index_dir))
         self.count: TokenCounter = lambda text: len(text) // 3 + 1
@@ -1017,7 +1022,17 @@ async def ask(state: AppState, chat: ChatState, question: str) -> None:
             max_answer_tokens=state.settings.max_answer_tokens, temperature=prefs.temperature, count=state.count,
         )  # fmt: skip
     sent = stream.hits if stream is not None else list(found.hits)
-    await show_retrieval(found, sent, prefs, to_model=stream is not None)
+    # The answer's request goes out now; the Retrieval step is drawn while the model reads it.
+    events = aiter(stream) if stream is not None else None
+    first = asyncio.ensure_future(anext(events)) if events is not None else None
+    try:
+        await show_retrieval(found, sent, prefs, to_model=stream is not None)
+    except BaseException:
+        if first is not None:
+            first.cancel()
+            await asyncio.gather(first, return_exceptions=True)
+            await events.aclose()  # type: ignore[union-attr]
+        raise
 
     if not found.relevant:
         await say(gate_text(found))
@@ -1032,7 +1047,18 @@ async def ask(state: AppState, chat: ChatState, question: str) -> None:
             elements=[to_chainlit(e) for e in elements],
         )  # fmt: skip
         return
-    await stream_answer(state, chat, question, stream)
+    await stream_answer(state, chat, question, stream, _started(first, events))  # type: ignore[arg-type]
+
+
+async def _started(first: asyncio.Future[ChatEvent], events: AsyncIterator[ChatEvent]) -> AsyncIterator[ChatEvent]:
+    """The events of an answer whose first event was asked for ahead (``first``), then the rest."""
+    try:
+        event = await first
+    except StopAsyncIteration:
+        return
+    yield event
+    async for event in events:
+        yield event
 
 
 async def show_retrieval(found: Retrieval, sent: Sequence[Hit], prefs: Preferences, *, to_model: bool) -> None:
@@ -1075,13 +1101,16 @@ def remember(chat: ChatState, question: str, reply: str) -> None:
     del chat.history[:-HISTORY_MESSAGES]
 
 
-async def stream_answer(state: AppState, chat: ChatState, question: str, stream: Answer) -> None:
+async def stream_answer(
+    state: AppState, chat: ChatState, question: str, stream: Answer, events: AsyncIterator[ChatEvent] | None = None
+) -> None:
+    """Stream ``stream`` into a new message (``events``: its events, when already started)."""
     msg = cl.Message(content="")
     started = False
     problem = ""
     done: ChatDone | None = None
     try:
-        async for event in stream:
+        async for event in events if events is not None else stream:
             if isinstance(event, ChatDelta):
                 started = True
                 await msg.stream_token(event.text)

@@ -131,7 +131,7 @@ def install_trace(path: str) -> None:
 
     _wrap_sync(rag.pipeline, "retrieve", trace, "retrieve")
     _wrap_sync(rag.pipeline, "answer", trace, "prompt")
-    _wrap_sync(rag.embedding.Embedder, "embed_query", trace, "embed_query")
+    _wrap_sync(rag.embedding.SentenceTransformerEmbedder, "embed_query", trace, "embed_query")
     _wrap_sync(rag.indexing, "sync_index", trace, "sync_index")
     _wrap_sync(rag.indexing, "load_bytes", trace, "parse", lambda source, data: {"source": source})
     _wrap_sync(rag.indexing, "split_documents", trace, "chunk")

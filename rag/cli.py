@@ -32,7 +32,9 @@ def command(name: str) -> Callable[[Command], Command]:
 
 
 def make_embedder(settings: Settings) -> Embedder:
-    return create_embedder(settings.embedding_model, batch_size=settings.embed_batch_size)
+    return create_embedder(
+        settings.embedding_model, batch_size=settings.embed_batch_size, cache_dir=settings.cache_dir
+    )
 
 
 def format_report(report: IndexReport, settings: Settings) -> str:

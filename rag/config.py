@@ -83,6 +83,11 @@ class Settings:
         return self.data_dir / "index"
 
     @property
+    def cache_dir(self) -> Path:
+        """Derived files that can be rebuilt at any time (the embedder's ONNX export for queries)."""
+        return self.data_dir / "cache"
+
+    @property
     def models_dir(self) -> Path:
         return self.data_dir / "models"
 

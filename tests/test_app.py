@@ -308,6 +308,19 @@ def state(app: ModuleType, settings: Settings) -> Any:
     return app.AppState(settings, embedder=FakeEmbedder())
 
 
+def test_queries_take_the_inner_embedders_own_query_path(app: ModuleType, state: Any) -> None:
+    asked: list[str] = []
+
+    class QueryAware(FakeEmbedder):
+        def embed_query(self, text: str) -> Any:
+            asked.append(text)
+            return super().embed_query(text)
+
+    progress = app.ProgressEmbedder(QueryAware())
+    progress.embed_query("how often?")
+    assert asked == ["how often?"] and progress.embedded == 0
+
+
 def test_first_build_then_updates_notify_open_chats(app: ModuleType, state: Any, settings: Settings) -> None:
     told: list[tuple[str, str | None]] = []
     state.notify = lambda text, exclude=None: told.append((text, exclude))

@@ -5,6 +5,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+from pathlib import Path
+
 from rag.embedding import SentenceTransformerEmbedder, create_embedder, normalize
 from rag.errors import ConfigError
 from tests.fakes import FakeEmbedder
@@ -78,3 +80,42 @@ def test_real_model_really_truncates_past_its_window(real: SentenceTransformerEm
     head = " ".join(["alpha"] * 300)
     a, b = real.embed([head + " completely different ending about volcanoes", head])
     assert float(a @ b) == pytest.approx(1.0, abs=1e-5)
+
+
+@pytest.mark.slow
+def test_real_queries_run_on_the_onnx_export_with_torchs_vectors(
+    real: SentenceTransformerEmbedder, tmp_path: Path
+) -> None:
+    fast = SentenceTransformerEmbedder(cache_dir=tmp_path)
+    assert fast.query_encoder() is not None
+    (export,) = tmp_path.glob("query-*.onnx")
+    texts = [
+        "What does the warranty cover?",
+        "Qu'est-ce que la garantie couvre ? Ça dépend — naïve façade, 東京",
+        " ".join(["lighthouse keeper"] * 200),  # past the 256 word-piece window: truncated alike
+        "a",
+    ]
+    for text in texts:
+        assert float(fast.embed_query(text) @ real.embed_query(text)) > 0.9999
+    assert real.query_encoder() is None  # no cache directory: torch answers
+
+    again = SentenceTransformerEmbedder(cache_dir=tmp_path)
+    before = export.stat().st_mtime_ns
+    assert again.query_encoder() is not None
+    assert export.stat().st_mtime_ns == before  # reused, not exported again
+
+
+@pytest.mark.slow
+def test_a_broken_onnx_export_falls_back_to_torch_and_is_rebuilt(
+    real: SentenceTransformerEmbedder, tmp_path: Path
+) -> None:
+    SentenceTransformerEmbedder(cache_dir=tmp_path).query_encoder()
+    (export,) = tmp_path.glob("query-*.onnx")
+    export.write_bytes(b"not an onnx model")
+    broken = SentenceTransformerEmbedder(cache_dir=tmp_path)
+    assert broken.query_encoder() is None
+    text = "How are passages ranked?"
+    assert float(broken.embed_query(text) @ real.embed_query(text)) > 0.9999
+    assert not export.exists()  # removed, so the next start exports it again
+    assert SentenceTransformerEmbedder(cache_dir=tmp_path).query_encoder() is not None
+    assert export.stat().st_size > 1_000_000
