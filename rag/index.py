@@ -191,6 +191,11 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
+def _fsync_file(path: Path) -> None:
+    with open(path, "rb+") as fh:
+        os.fsync(fh.fileno())
+
+
 def _write_file(path: Path, data: bytes) -> None:
     with open(path, "wb") as fh:
         fh.write(data)
@@ -349,14 +354,16 @@ class IndexStore:
             },
             **(extra or {}),
         }
-        lines = "".join(_chunk_to_json(k, c) + "\n" for k, c in snapshot.chunks.items())
-        _write_file(tmp / "chunks.jsonl", lines.encode("utf-8"))
-        _write_file(tmp / "vectors.faiss", faiss.serialize_index(snapshot.vectors).tobytes())
+        # Streamed to the files, never held whole in memory (at 50k chunks, whole copies
+        # added ~250 MiB to every commit: docs/benchmarks.md).
+        with open(tmp / "chunks.jsonl", "w", encoding="utf-8") as fh:
+            fh.writelines(_chunk_to_json(k, c) + "\n" for k, c in snapshot.chunks.items())
+        faiss.write_index(snapshot.vectors, str(tmp / "vectors.faiss"))
         if snapshot.ann is not None:
-            _write_file(tmp / "ann.faiss", faiss.serialize_index(snapshot.ann).tobytes())
+            faiss.write_index(snapshot.ann, str(tmp / "ann.faiss"))
         snapshot.keyword.save(tmp / "keyword.npz")
-        with open(tmp / "keyword.npz", "rb+") as fh:
-            os.fsync(fh.fileno())
+        for written in tmp.iterdir():
+            _fsync_file(written)
         # The manifest goes last: a directory with a manifest is complete.
         _write_file(tmp / "manifest.json", json.dumps(manifest, ensure_ascii=False, indent=1).encode("utf-8"))
         _fsync_dir(tmp)
