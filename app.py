@@ -46,7 +46,7 @@ from chainlit.session import WebsocketSession
 
 from rag.chat import ChatDelta, ChatDone, ChatEvent, Message
 from rag.config import POLICIES, RETRIEVAL_MODES, Settings, load_settings
-from rag.embedding import Embedder, create_embedder
+from rag.embedding import Embedder, embedder_for
 from rag.endpoints import Endpoint, open_endpoint
 from rag.errors import (
     ConfigError,
@@ -500,9 +500,7 @@ class AppState:
 
     def __init__(self, settings: Settings, embedder: Embedder | None = None) -> None:
         self.settings = settings
-        inner = embedder or create_embedder(
-            settings.embedding_model, batch_size=settings.embed_batch_size, cache_dir=settings.cache_dir
-        )
+        inner = embedder or embedder_for(settings)
         self.embedder = ProgressEmbedder(inner)
         self.live = LiveIndex(IndexStore(settings.index_dir))
         self.count: TokenCounter = lambda text: len(text) // 3 + 1

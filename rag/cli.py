@@ -15,7 +15,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from rag.config import POLICIES, RETRIEVAL_MODES, Settings, load_settings
-from rag.embedding import Embedder, create_embedder
+from rag.embedding import Embedder, embedder_for
 from rag.errors import RagError
 from rag.types import Hit, IndexReport
 
@@ -32,9 +32,7 @@ def command(name: str) -> Callable[[Command], Command]:
 
 
 def make_embedder(settings: Settings) -> Embedder:
-    return create_embedder(
-        settings.embedding_model, batch_size=settings.embed_batch_size, cache_dir=settings.cache_dir
-    )
+    return embedder_for(settings)
 
 
 def format_report(report: IndexReport, settings: Settings) -> str:

@@ -49,6 +49,8 @@ class Settings:
     # Embedding.
     embedding_model: str = DEFAULT_EMBEDDING_MODEL
     embed_batch_size: int = 16
+    # Queries: "onnx" (an ONNX export of the model, ~3x faster per query, ~150 MiB more RAM) or "torch".
+    query_backend: str = "onnx"
     # Texts from consecutive files embedded in one call, batched by length; a checkpoint
     # commits whole groups.
     embed_group: int = 512
@@ -111,6 +113,8 @@ class Settings:
             raise ConfigError(f"RAG_POLICY={self.policy!r} is not one of {', '.join(POLICIES)}")
         if self.top_k < 1:
             raise ConfigError(f"RAG_TOP_K={self.top_k} must be at least 1")
+        if self.query_backend not in ("onnx", "torch"):
+            raise ConfigError(f"RAG_QUERY_BACKEND={self.query_backend!r} is not one of onnx, torch")
         if self.embed_batch_size < 1 or self.embed_group < 1:
             raise ConfigError(
                 f"RAG_EMBED_BATCH_SIZE={self.embed_batch_size} and RAG_EMBED_GROUP={self.embed_group} "

@@ -27,7 +27,7 @@ from typing import Any
 
 import numpy as np
 
-from rag.config import DEFAULT_EMBEDDING_MODEL
+from rag.config import DEFAULT_EMBEDDING_MODEL, Settings
 from rag.errors import ConfigError, EmbeddingError
 
 log = logging.getLogger("rag.embedding")
@@ -174,6 +174,10 @@ class SentenceTransformerEmbedder(Embedder):
         encoder = self.query_encoder()
         if encoder is not None:
             return normalize(encoder([text]))[0]
+        return self.embed_query_torch(text)
+
+    def embed_query_torch(self, text: str) -> np.ndarray:
+        """The query through torch, on one thread: the fallback (and the benchmarks' baseline)."""
         import torch
 
         with self._query_lock:
@@ -329,3 +333,12 @@ def create_embedder(
     """The embedder for a model name (the one setting ``RAG_EMBEDDING_MODEL``); ``cache_dir``
     (the data directory's ``cache``) enables the fast query path."""
     return SentenceTransformerEmbedder(name, batch_size=batch_size, cache_dir=cache_dir)
+
+
+def embedder_for(settings: Settings) -> Embedder:
+    """The embedder the settings describe: model, batch size, and the query backend."""
+    return create_embedder(
+        settings.embedding_model,
+        batch_size=settings.embed_batch_size,
+        cache_dir=settings.cache_dir if settings.query_backend == "onnx" else None,
+    )

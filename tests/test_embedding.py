@@ -7,7 +7,8 @@ import pytest
 
 from pathlib import Path
 
-from rag.embedding import SentenceTransformerEmbedder, create_embedder, normalize
+from rag.config import Settings
+from rag.embedding import SentenceTransformerEmbedder, create_embedder, embedder_for, normalize
 from rag.errors import ConfigError
 from tests.fakes import FakeEmbedder
 
@@ -37,6 +38,15 @@ def test_batches_hold_texts_of_like_length_and_rows_keep_input_order() -> None:
     assert sizes == [2, 2, 2]
     np.testing.assert_array_equal(vectors, single.embed(texts))
     assert single.embedded == sorted(texts, key=len, reverse=True)
+
+
+def test_query_backend_setting_decides_the_query_path(tmp_path: Path) -> None:
+    torch_only = embedder_for(Settings(data_dir=tmp_path, query_backend="torch"))
+    assert isinstance(torch_only, SentenceTransformerEmbedder)
+    assert torch_only.query_encoder() is None  # decided without loading anything
+    assert not (tmp_path / "cache").exists()
+    with pytest.raises(ConfigError, match="RAG_QUERY_BACKEND='gpu'"):
+        Settings(query_backend="gpu")
 
 
 def test_unknown_model_name_is_a_config_error() -> None:
