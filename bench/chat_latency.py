@@ -167,8 +167,10 @@ def install_trace(path: str) -> None:
     stream_token = chainlit.message.MessageBase.stream_token
 
     async def traced_stream_token(self: Any, token: str, is_sequence: bool = False) -> None:
-        first = bool(token) and not self.streaming
+        # The first token of each message (the app sends the answer's message empty, then streams).
+        first = bool(token) and not getattr(self, "_bench_streamed", False)
         if first:
+            self._bench_streamed = True
             trace("stream_token:start")
         await stream_token(self, token, is_sequence)
         if first:

@@ -118,6 +118,7 @@ def main(argv: list[str] | None = None) -> int:
 
         modes: dict[str, Callable[[str], object]] = {
             "query embedding only": embedder.embed_query,
+            "query embedding only, torch (before 2026-11-25)": embedder.embed_query_torch,
             "dense, exact": search("dense", None),
             f"dense, IVF nprobe {DEFAULT_NPROBE}": search("dense", DEFAULT_NPROBE),
             "bm25": search("bm25", None),
