@@ -261,6 +261,9 @@ class OnnxQueryEncoder:
         path = cache_dir / f"query-{_fingerprint(model_path)}.onnx"
         if not path.is_file():
             _export(modules[0], model.tokenizer, path)
+            for stale in cache_dir.glob("query-*.onnx"):  # exports of other model files
+                if stale != path:
+                    stale.unlink(missing_ok=True)
         options = onnxruntime.SessionOptions()
         options.intra_op_num_threads = 1
         options.inter_op_num_threads = 1

@@ -119,8 +119,9 @@ def test_real_queries_run_on_the_onnx_export_with_torchs_vectors(
 def test_a_broken_onnx_export_falls_back_to_torch_and_is_rebuilt(
     real: SentenceTransformerEmbedder, tmp_path: Path
 ) -> None:
+    (tmp_path / "query-0123456789abcdef.onnx").write_bytes(b"an export of other model files")
     SentenceTransformerEmbedder(cache_dir=tmp_path).query_encoder()
-    (export,) = tmp_path.glob("query-*.onnx")
+    (export,) = tmp_path.glob("query-*.onnx")  # the stale one is gone
     export.write_bytes(b"not an onnx model")
     broken = SentenceTransformerEmbedder(cache_dir=tmp_path)
     assert broken.query_encoder() is None
