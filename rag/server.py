@@ -15,7 +15,8 @@ Trade-offs:
   all it must serve. A thread per connection; generations are serialised through a FIFO
   lock (the runtime runs one at a time), so queued clients wait (their wait counts against
   their own first-token timeout) and no two streams interleave.
-- A client that goes away stops its generation: checked while it waits and between tokens.
+- A client that goes away stops its generation: checked while it waits, between tokens, and
+  every 0.25 s while a non-streamed answer is generated.
 - Streams follow OpenAI's shape, without the quirks Foundry Local's service has shipped:
   every stream ends with a chunk carrying ``finish_reason``, a usage chunk only when
   ``stream_options.include_usage`` asks for it, then ``data: [DONE]``.
@@ -376,11 +377,21 @@ class ChatHandler(BaseHTTPRequestHandler):
 
     def _answer(self, request: ChatRequest, stream: ChatStream) -> None:
         started = time.perf_counter()
+        pieces: list[str] = []
+        checked = started
         try:
-            text = "".join(stream)
+            for piece in stream:
+                pieces.append(piece)
+                if time.perf_counter() - checked > 0.25:  # a client that left frees the model
+                    checked = time.perf_counter()
+                    if _peer_closed(self.connection):
+                        log.info("client %s went away before its answer: generation stopped", self.client_address[0])
+                        self.close_connection = True
+                        return
         except RagError as exc:
             self._error(APIError(500, str(exc), type_="server_error"))
             return
+        text = "".join(pieces)
         self._log_generation(request, stream, started)
         body = {
             **self._envelope("chat.completion", request.model),

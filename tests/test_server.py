@@ -379,6 +379,15 @@ def test_client_disconnect_stops_generation(server: OpenAIServer, runtime: FakeR
         assert c.post(f"{server.url}/chat/completions", json=chat("next")).status_code == 200
 
 
+def test_client_leaving_a_non_streamed_answer_stops_generation(server: OpenAIServer, runtime: FakeRuntime) -> None:
+    runtime.delay = 0.01
+    with pytest.raises(httpx.ReadTimeout), httpx.Client(trust_env=False, timeout=0.3) as c:
+        c.post(f"{server.url}/chat/completions", json=chat("forever"))
+    assert runtime.stopped.wait(5), "generation kept running after the client left"
+    with httpx.Client(trust_env=False, timeout=10) as c:  # the lock was released
+        assert c.post(f"{server.url}/chat/completions", json=chat("next")).status_code == 200
+
+
 def test_client_leaving_the_queue_is_never_served(server: OpenAIServer, runtime: FakeRuntime) -> None:
     runtime.delay = 0.05
 
