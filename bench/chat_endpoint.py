@@ -53,7 +53,7 @@ from rag.chat import ChatClient, ChatDelta, ChatDone, Message
 from rag.config import Settings
 from rag.modelbuild import DEFAULT_MODEL, is_built
 from rag.runtime import ChatStream, FoundryRuntime
-from rag.server import make_server, start_background
+from rag.server import make_server, start_background, stop_process
 
 GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
 LLAMA_ALIAS = "smollm2"
@@ -186,12 +186,7 @@ def start_llama(threads: int, log_path: Path, timeout: float = 120.0) -> tuple[s
         process = subprocess.Popen(command, stdout=log_file, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
 
     def stop() -> None:
-        process.terminate()
-        try:
-            process.wait(timeout=15)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
+        stop_process(process)
 
     url = f"http://127.0.0.1:{port}/v1"
     deadline = time.monotonic() + timeout

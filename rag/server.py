@@ -685,13 +685,7 @@ def start_background(
             )
 
         def stop() -> None:
-            if process.poll() is None:
-                process.terminate()
-                try:
-                    process.wait(timeout=15)
-                except subprocess.TimeoutExpired:
-                    process.kill()
-                    process.wait()
+            stop_process(process)
 
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
@@ -706,6 +700,17 @@ def start_background(
             time.sleep(0.2)
         stop()
         raise EndpointTimeoutError(f"the model server did not become ready within {timeout:.0f} s (log: {log_path})")
+
+
+def stop_process(process: subprocess.Popen[Any], *, timeout: float = 15.0) -> None:
+    """Ask a child process to stop (SIGTERM), kill it if it has not within ``timeout``, and reap it."""
+    if process.poll() is None:
+        process.terminate()
+        try:
+            process.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
 
 
 def _last_line(path: Path) -> str:

@@ -24,6 +24,7 @@ import pytest
 from rag.chat import ChatClient, ChatDelta, ChatDone, ChatEvent, Message
 from rag.errors import ContextLengthError
 from rag.modelbuild import project_root
+from rag.server import stop_process
 
 pytestmark = pytest.mark.slow
 
@@ -93,12 +94,7 @@ def llama_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
                 time.sleep(0.3)
         yield url
     finally:
-        process.terminate()
-        try:
-            process.wait(timeout=15)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
+        stop_process(process)
 
 
 def client(url: str) -> ChatClient:
