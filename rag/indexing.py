@@ -101,21 +101,23 @@ class _VectorCache:
                 self._keys[_text_hash(text_of(chunk))] = key
         self._fresh: dict[bytes, np.ndarray] = {}
 
+    def _old_key(self, h: bytes) -> int | None:
+        """The old index's key for a text hash, while the work snapshot still holds that chunk."""
+        key = self._keys.get(h)
+        if key is not None and self._snapshot is not None and key in self._snapshot.chunks:
+            return key
+        return None
+
     def get(self, text: str) -> np.ndarray | None:
         h = _text_hash(text)
         if h in self._fresh:
             return self._fresh[h]
-        key = self._keys.get(h)
-        if key is not None and self._snapshot is not None and key in self._snapshot.chunks:
-            return self._snapshot.vector(key)
-        return None
+        key = self._old_key(h)
+        return self._snapshot.vector(key) if key is not None and self._snapshot is not None else None
 
     def has(self, text: str) -> bool:
         h = _text_hash(text)
-        if h in self._fresh:
-            return True
-        key = self._keys.get(h)
-        return key is not None and self._snapshot is not None and key in self._snapshot.chunks
+        return h in self._fresh or self._old_key(h) is not None
 
     def put(self, text: str, vector: np.ndarray) -> None:
         self._fresh[_text_hash(text)] = vector
@@ -227,8 +229,13 @@ def sync_index(
         last_checkpoint = time.monotonic()
         bar = progress(total=total_new, desc="embedding", unit="chunk")
         try:
-            for group in _groups(pending, cache, settings.embed_group):
-                embedded += _embed_group(group, cache, embedder, on_batch=bar.update)
+            for group, missing in _groups(pending, cache, settings.embed_group):
+                # One call for the whole group: the embedder batches texts of like length.
+                texts = list(missing.values())
+                if texts:
+                    for text, vector in zip(texts, embedder.embed(texts, on_batch=bar.update), strict=True):
+                        cache.put(text, vector)
+                    embedded += len(texts)
                 for item in group:
                     vectors = np.stack([cache.get(text) for text in item.texts]).astype(np.float32, copy=False)
                     work.put_file(
@@ -281,42 +288,30 @@ def _extra(skipped: list[SkippedFile]) -> dict:
     return {"skipped": [{"source": s.source, "reason": s.reason} for s in skipped]}
 
 
-def _groups(pending: list[_Pending], cache: _VectorCache, size: int) -> Iterator[list[_Pending]]:
-    """Consecutive files, gathered until they hold at least ``size`` texts to embed.
+def _groups(
+    pending: list[_Pending], cache: _VectorCache, size: int
+) -> Iterator[tuple[list[_Pending], dict[bytes, str]]]:
+    """Consecutive files, gathered until they hold at least ``size`` texts to embed, with those
+    texts (each distinct text once, by hash).
 
     One ``embed`` call per group lets the embedder batch texts of like length from many files
     (a file's own few chunks make short, ragged batches); a group is also the unit of a
     checkpoint, so a kill loses at most one group beyond ``RAG_CHECKPOINT_SECONDS``
-    (``RAG_EMBED_GROUP``, 512 texts: a few seconds of embedding on a laptop CPU).
+    (``RAG_EMBED_GROUP``, 512 texts: a few seconds of embedding on a laptop CPU). The cache is
+    asked lazily, so a group never re-embeds what the groups before it embedded.
     """
     group: list[_Pending] = []
-    fresh: set[bytes] = set()
+    missing: dict[bytes, str] = {}
     for item in pending:
         group.append(item)
-        fresh.update(_text_hash(text) for text in item.texts if not cache.has(text))
-        if len(fresh) >= size:
-            yield group
-            group, fresh = [], set()
-    if group:
-        yield group
-
-
-def _embed_group(
-    group: list[_Pending], cache: _VectorCache, embedder: Embedder, *, on_batch: Callable[[int], None]
-) -> int:
-    """Embed, in one call, every text of ``group`` the cache lacks (each distinct text once);
-    returns how many were embedded."""
-    missing: dict[bytes, str] = {}
-    for item in group:
         for text in item.texts:
             if not cache.has(text):
                 missing.setdefault(_text_hash(text), text)
-    if not missing:
-        return 0
-    texts = list(missing.values())
-    for text, vector in zip(texts, embedder.embed(texts, on_batch=on_batch), strict=True):
-        cache.put(text, vector)
-    return len(texts)
+        if len(missing) >= size:
+            yield group, missing
+            group, missing = [], {}
+    if group:
+        yield group, missing
 
 
 def _count_uncached(pending: list[_Pending], cache: _VectorCache) -> int:
