@@ -1045,7 +1045,8 @@ async def ask(state: AppState, chat: ChatState, question: str) -> None:
             elements=[to_chainlit(e) for e in elements],
         )  # fmt: skip
         return
-    await stream_answer(state, chat, question, stream, _started(first, events))  # type: ignore[arg-type]
+    assert first is not None and events is not None  # a stream was started above
+    await stream_answer(state, chat, question, stream, _started(first, events))
 
 
 async def _started(first: asyncio.Future[ChatEvent], events: AsyncIterator[ChatEvent]) -> AsyncIterator[ChatEvent]:
@@ -1100,15 +1101,15 @@ def remember(chat: ChatState, question: str, reply: str) -> None:
 
 
 async def stream_answer(
-    state: AppState, chat: ChatState, question: str, stream: Answer, events: AsyncIterator[ChatEvent] | None = None
+    state: AppState, chat: ChatState, question: str, stream: Answer, events: AsyncIterator[ChatEvent]
 ) -> None:
-    """Stream ``stream`` into a new message (``events``: its events, when already started)."""
+    """Stream ``stream``'s ``events`` (already started: see ``ask``) into a new message."""
     msg = cl.Message(content="")
     started = False
     problem = ""
     done: ChatDone | None = None
     try:
-        async for event in events if events is not None else stream:
+        async for event in events:
             if isinstance(event, ChatDelta):
                 started = True
                 await msg.stream_token(event.text)
