@@ -13,6 +13,7 @@ machine, with no data set to download.
 
 from __future__ import annotations
 
+import argparse
 import bisect
 import contextlib
 import hashlib
@@ -592,14 +593,22 @@ def markdown_table(headers: Sequence[str], rows: Sequence[Sequence[object]]) -> 
     return "\n".join(lines)
 
 
+def add_json_option(parser: argparse.ArgumentParser, name: str) -> None:
+    """``--json [PATH]``, as every benchmark takes it (read by ``save_results``)."""
+    parser.add_argument("--json", nargs="?", const="", default=None, metavar="PATH",
+                        help=f"write results as JSON (default path: bench/results/{name}-<time>.json)")
+
+
 def save_results(name: str, payload: dict, path: str | None) -> Path | None:
-    """Write ``payload`` (plus the machine and command line) as JSON; ``path`` '' means default."""
+    """Write ``payload`` (plus the machine and command line) as JSON and say where; ``path``
+    '' means the default path, ``None`` (no ``--json``) writes nothing."""
     if path is None:
         return None
     target = Path(path) if path else RESULTS_DIR / f"{name}-{time.strftime('%Y%m%d-%H%M%S')}.json"
     target.parent.mkdir(parents=True, exist_ok=True)
     payload = {"benchmark": name, "command": " ".join(sys.argv), "machine": machine(), **payload}
     target.write_text(json.dumps(payload, indent=1, default=str) + "\n", encoding="utf-8")
+    print(f"results: {target}", flush=True)
     return target
 
 

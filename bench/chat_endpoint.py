@@ -48,7 +48,7 @@ from typing import Any
 
 import httpx
 
-from bench._common import REPO, machine, markdown_table, median, save_results
+from bench._common import REPO, add_json_option, machine, markdown_table, median, save_results
 from rag.chat import ChatClient, ChatDelta, ChatDone, Message
 from rag.config import Settings
 from rag.modelbuild import DEFAULT_MODEL, is_built
@@ -348,8 +348,7 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=max(1, (os.cpu_count() or 2) // 2),
                         help="llama.cpp threads (default: half the cores, as llama-cpp-python)")
     parser.add_argument("--no-llama", action="store_true", help="leave the llama.cpp server out")
-    parser.add_argument("--json", nargs="?", const="", default=None, metavar="PATH",
-                        help="write the results as JSON (default path: bench/results/chat_endpoint-*.json)")
+    add_json_option(parser, "chat_endpoint")
     args = parser.parse_args()
     print(f"machine {machine()}")
     layer = asyncio.run(http_layer_cost())
@@ -384,12 +383,10 @@ def main() -> None:
           f"of the in-process {in_process_ms_per_token:.1f} ms per token")
     for note in result["notes"]:
         print(note)
-    saved = save_results("chat_endpoint", {
+    save_results("chat_endpoint", {
         "args": vars(args), "summary": summary, "serve_vs_inprocess": versus, "http_layer": layer,
         "samples": [asdict(s) for s in samples], "notes": result["notes"],
     }, args.json)  # fmt: skip
-    if saved:
-        print(f"results: {saved}")
 
 
 if __name__ == "__main__":

@@ -677,6 +677,8 @@ def main(argv: list[str] | None = None) -> int:
     if argv is None and len(sys.argv) > 2 and sys.argv[1] == "--serve-app":
         serve_app(int(sys.argv[2]))
         return 0
+    from bench._common import add_json_option, machine, save_results
+
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--chunks", type=int, default=10_000, help="synthetic chunks in the index (default 10000)")
     parser.add_argument("--base", type=int, default=100, help="real embeddings the synthetic vectors mix (default 100)")
@@ -688,13 +690,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--model-dir", type=Path, default=REPO / ".rag" / "models" / "smollm2-135m")
     parser.add_argument("--max-answer-tokens", type=int, default=64, help="RAG_MAX_ANSWER_TOKENS for the app (64)")
     parser.add_argument("--keep", action="store_true", help="keep the work folder (printed)")
-    parser.add_argument("--json", nargs="?", const="", default=None, metavar="PATH",
-                        help="write results as JSON (default path: bench/results/chat_latency-<time>.json)")
+    add_json_option(parser, "chat_latency")
     args = parser.parse_args(argv)
 
     from playwright.sync_api import sync_playwright
 
-    from bench._common import machine, save_results
 
     def log(text: str) -> None:
         print(text, flush=True)
@@ -747,10 +747,8 @@ def main(argv: list[str] | None = None) -> int:
         log(f"index in the app: {snapshot_chunks or built['chunks']} chunks")
         print("\n" + text + "\n")
         results["index_chunks"] = snapshot_chunks or built["chunks"]
-        saved = save_results("chat_latency", {"args": vars(args) | {"model_dir": str(args.model_dir)}, **results},
-                             args.json)  # fmt: skip
-        if saved:
-            log(f"results: {saved}")
+        save_results("chat_latency", {"args": vars(args) | {"model_dir": str(args.model_dir)}, **results},
+                     args.json)  # fmt: skip
     finally:
         if app is not None:
             app.stop()

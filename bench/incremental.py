@@ -24,6 +24,7 @@ from pathlib import Path
 
 from bench._common import (
     TextGenerator,
+    add_json_option,
     clock,
     instrument_indexing,
     load_embedder,
@@ -38,8 +39,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--files", type=int, default=1000, help="files in the corpus (default 1000)")
     parser.add_argument("--no-cli", action="store_true", help="skip the `python -m rag index` runs")
-    parser.add_argument("--json", nargs="?", const="", default=None, metavar="PATH",
-                        help="write results as JSON (default path: bench/results/incremental-<time>.json)")
+    add_json_option(parser, "incremental")
     args = parser.parse_args(argv)
 
     from rag.config import Settings
@@ -122,10 +122,8 @@ def main(argv: list[str] | None = None) -> int:
               + ", ".join(f"{k} {v:.3f} s" for k, v in stages if v >= 0.001))
         fraction = edit["wall_s"] / full["wall_s"]
         print(f"edit / full build = {100 * fraction:.2f} % (target <= 2 %): {'met' if fraction <= 0.02 else 'NOT met'}")
-        path = save_results("incremental", {"files": args.files, "chunks": chunks, "runs": results, "cli_s": cli,
-                                            "fraction": fraction}, args.json)
-        if path:
-            print(f"results: {path}")
+        save_results("incremental", {"files": args.files, "chunks": chunks, "runs": results, "cli_s": cli,
+                                     "fraction": fraction}, args.json)
     finally:
         shutil.rmtree(work, ignore_errors=True)
     return 0

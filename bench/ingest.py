@@ -34,6 +34,7 @@ from pathlib import Path
 
 from bench._common import (
     TextGenerator,
+    add_json_option,
     chunk_corpus,
     chunks_of,
     clock,
@@ -143,8 +144,7 @@ def main(argv: list[str] | None = None) -> int:
                         help="time the model on the same texts batched as the indexer does, as proposed, and in "
                              "one encode call per group of >= 512 chunks, alternating group by group")
     parser.add_argument("--profile", action="store_true", help="one more build under cProfile; print the top")
-    parser.add_argument("--json", nargs="?", const="", default=None, metavar="PATH",
-                        help="write results as JSON (default path: bench/results/ingest-<time>.json)")
+    add_json_option(parser, "ingest")
     args = parser.parse_args(argv)
 
     from rag.config import Settings
@@ -297,7 +297,7 @@ def main(argv: list[str] | None = None) -> int:
                   f"{batching['proposed'] / batching['encode']:.3f}. With the other stages as measured above "
                   f"({non_model:.1f} s), the ratio would be about {estimate:.2f}.")
             batching["estimated_ratio"] = estimate
-        path = save_results(
+        save_results(
             "ingest",
             {
                 "chunks": len(texts), "files": len(files), "mean_word_pieces": sum(tokens) / len(tokens),
@@ -306,8 +306,6 @@ def main(argv: list[str] | None = None) -> int:
             },
             args.json,
         )
-        if path:
-            print(f"results: {path}")
     finally:
         shutil.rmtree(work, ignore_errors=True)
     return 0

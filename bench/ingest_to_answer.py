@@ -139,18 +139,18 @@ def _sum(events: list[dict[str, Any]], name: str, after: float, until: float) ->
 
 
 def main(argv: list[str] | None = None) -> int:
+    from bench._common import add_json_option, machine, save_results
+
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--runs", type=int, default=4, help="PDFs added one after another (default 4)")
     parser.add_argument("--chunks", type=int, default=0, help="synthetic chunks indexed beside the sample corpus (0)")
     parser.add_argument("--base", type=int, default=100, help="real embeddings the synthetic vectors mix (100)")
     parser.add_argument("--keep", action="store_true", help="keep the work folder (printed)")
-    parser.add_argument("--json", nargs="?", const="", default=None, metavar="PATH",
-                        help="write results as JSON (default path: bench/results/ingest_to_answer-<time>.json)")
+    add_json_option(parser, "ingest_to_answer")
     args = parser.parse_args(argv)
 
     from playwright.sync_api import sync_playwright
 
-    from bench._common import machine, save_results
 
     work = Path(tempfile.mkdtemp(prefix="bench-ingest-"))
     print(f"machine {machine()}; work folder {work}", flush=True)
@@ -243,9 +243,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"| {len(rows)} | {statistics.median(r['chunks_embedded'] for r in rows):.0f} | "
                   + " | ".join(f"{med[k]:.2f}" for k in keys)
                   + f" | {sum(r['page7_sent'] for r in rows)}/{len(rows)} |")  # fmt: skip
-        saved = save_results("ingest_to_answer", {"args": vars(args), "runs": rows, "median_s": med}, args.json)
-        if saved:
-            print(f"results: {saved}")
+        save_results("ingest_to_answer", {"args": vars(args), "runs": rows, "median_s": med}, args.json)
     finally:
         if app is not None:
             app.stop()

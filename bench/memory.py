@@ -34,6 +34,7 @@ import numpy as np
 from bench._common import (
     REPO,
     TextGenerator,
+    add_json_option,
     build_snapshot,
     machine,
     markdown_table,
@@ -115,8 +116,7 @@ def child(*args: str) -> dict:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--sizes", default="10000,50000", help="index sizes in chunks (default 10000,50000)")
-    parser.add_argument("--json", nargs="?", const="", default=None, metavar="PATH",
-                        help="write results as JSON (default path: bench/results/memory-<time>.json)")
+    add_json_option(parser, "memory")
     parser.add_argument("--worker", nargs=3, metavar=("PHASE", "N", "DIR"), help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
 
@@ -177,9 +177,7 @@ def main(argv: list[str] | None = None) -> int:
         print(markdown_table(["chunks", *files], rows))
         if not all(r["build"]["peak_exact"] and r["serve"]["peak_exact"] for r in results.values()):
             print("\nnote: /proc/self/clear_refs was not writable: peaks include what came before")
-        path = save_results("memory", {"sizes": results, "model_alone": model}, args.json)
-        if path:
-            print(f"results: {path}")
+        save_results("memory", {"sizes": results, "model_alone": model}, args.json)
     finally:
         shutil.rmtree(work, ignore_errors=True)
     return 0

@@ -32,6 +32,7 @@ import numpy as np
 
 from bench._common import (
     TextGenerator,
+    add_json_option,
     build_snapshot,
     clock,
     load_embedder,
@@ -65,8 +66,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--noise", type=float, default=0.5,
                         help="noise norm of the synthetic vectors (default 0.5; see bench._common.synthetic_vectors)")
     parser.add_argument("--nprobe", default="4,8,16,32", help="IVF nprobe values to compare (default 4,8,16,32)")
-    parser.add_argument("--json", nargs="?", const="", default=None, metavar="PATH",
-                        help="write results as JSON (default path: bench/results/retrieval-<time>.json)")
+    add_json_option(parser, "retrieval")
     args = parser.parse_args(argv)
 
     from rag.config import Settings
@@ -204,10 +204,8 @@ def main(argv: list[str] | None = None) -> int:
     p50 = results[largest]["latency_ms"][results[largest]["default_mode"]]["p50"]
     print()
     print(f"default hybrid p50 at {largest:,} chunks: {p50:.1f} ms (target <= 15 ms): {'met' if p50 <= 15 else 'NOT met'}")
-    path = save_results("retrieval", {"queries": args.queries, "base": len(base), "realism": realism,
-                                      "sizes": results}, args.json)
-    if path:
-        print(f"results: {path}")
+    save_results("retrieval", {"queries": args.queries, "base": len(base), "realism": realism,
+                               "sizes": results}, args.json)
     return 0
 
 
