@@ -36,7 +36,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import os
-import socket
 import subprocess
 import tempfile
 import threading
@@ -54,6 +53,7 @@ from rag.config import Settings
 from rag.modelbuild import DEFAULT_MODEL, is_built
 from rag.runtime import ChatStream, FoundryRuntime
 from rag.server import make_server, start_background, stop_process
+from tests.apphost import free_port
 
 GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
 LLAMA_ALIAS = "smollm2"
@@ -174,9 +174,7 @@ def start_llama(threads: int, log_path: Path, timeout: float = 120.0) -> tuple[s
         return "no .venv-llama: run `make llama-env`"
     if gguf is None:
         return f"no {GGUF_NAME} in .venv-build: run `make build-env`"
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
+    port = free_port()
     command = [
         str(python), "-m", "llama_cpp.server", "--model", str(gguf), "--model_alias", LLAMA_ALIAS,
         "--host", "127.0.0.1", "--port", str(port), "--n_ctx", "2048",

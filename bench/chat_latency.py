@@ -39,10 +39,7 @@ import http.client
 import json
 import os
 import shutil
-import signal
-import socket
 import statistics
-import subprocess
 import sys
 import tempfile
 import threading
@@ -52,6 +49,8 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
+
+from tests.apphost import AppProcess
 
 REPO = Path(__file__).resolve().parent.parent
 CHROMIUM = "/usr/bin/chromium"
@@ -211,58 +210,16 @@ def serve_app(port: int) -> None:
     cli()
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-class App:
-    """The instrumented app in a subprocess, with its own app root, corpus and data folder."""
+class App(AppProcess):
+    """The app (``tests/apphost.py``) with its pipeline instrumented: started through
+    ``--serve-app`` below, writing its trace to ``work/trace.jsonl``. The corpus is the caller's."""
 
     def __init__(self, work: Path, env: dict[str, str]) -> None:
-        self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        self.root = work / "approot"
-        self.corpus = work / "corpus"
-        self.data = work / "data"
-        self.log_path = work / "app.log"
         self.trace_path = work / "trace.jsonl"
-        if not self.root.exists():
-            shutil.copytree(REPO / ".chainlit", self.root / ".chainlit")
-            shutil.copy(REPO / "chainlit.md", self.root / "chainlit.md")
-            shutil.copytree(REPO / "public", self.root / "public")
-        self.env = {
-            **{k: v for k, v in os.environ.items() if not k.startswith("RAG_")},
-            "CHAINLIT_APP_ROOT": str(self.root),
-            "RAG_CORPUS_DIR": str(self.corpus),
-            "RAG_DATA_DIR": str(self.data),
-            "HF_HUB_OFFLINE": "1",
-            "TRANSFORMERS_OFFLINE": "1",
-            "PYTHONUNBUFFERED": "1",
-            "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")])),
-            TRACE_ENV: str(self.trace_path),
-            **env,
-        }
-        self.process: subprocess.Popen[bytes] | None = None
+        super().__init__(work, {TRACE_ENV: str(self.trace_path), **env}, seed_corpus=False)
 
-    def start(self, timeout: float = 300.0) -> None:
-        self.log = open(self.log_path, "ab")  # noqa: SIM115 - closed in stop()
-        self.process = subprocess.Popen(
-            [sys.executable, "-m", "bench.chat_latency", "--serve-app", str(self.port)],
-            cwd=self.root, env=self.env, stdout=self.log, stderr=subprocess.STDOUT, start_new_session=True,
-        )  # fmt: skip
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.process.poll() is not None:
-                raise RuntimeError(f"the app exited with {self.process.returncode}:\n{self.output()[-3000:]}")
-            if "Your app is available at" in self.output():
-                return
-            time.sleep(0.3)
-        raise RuntimeError(f"the app did not start in {timeout:.0f} s:\n{self.output()[-3000:]}")
-
-    def output(self) -> str:
-        return self.log_path.read_text(encoding="utf-8", errors="replace")
+    def command(self) -> list[str]:
+        return [sys.executable, "-m", "bench.chat_latency", "--serve-app", str(self.port)]
 
     def trace_offset(self) -> int:
         return self.trace_path.stat().st_size if self.trace_path.exists() else 0
@@ -271,16 +228,6 @@ class App:
         with open(self.trace_path, "rb") as fh:
             fh.seek(since)
             return [json.loads(line) for line in fh.read().decode("utf-8").splitlines() if line.strip()]
-
-    def stop(self) -> None:
-        if self.process is not None and self.process.poll() is None:
-            os.killpg(self.process.pid, signal.SIGTERM)
-            try:
-                self.process.wait(15)
-            except subprocess.TimeoutExpired:
-                os.killpg(self.process.pid, signal.SIGKILL)
-                self.process.wait(5)
-        self.log.close()
 
 
 # ============================================================================================
@@ -717,7 +664,7 @@ def main(argv: list[str] | None = None) -> int:
         app = App(work, {"RAG_BASE_URL": endpoint.url, "RAG_MODEL": MODEL,
                          "RAG_MAX_ANSWER_TOKENS": str(args.max_answer_tokens)})  # fmt: skip
         started = time.monotonic()
-        app.start()
+        app.start(timeout=300.0)
         results: dict[str, Any] = {}
         with sync_playwright() as playwright:
             browser = playwright.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)

@@ -165,7 +165,7 @@ def main(argv: list[str] | None = None) -> int:
         else:
             shutil.copytree(Path(__file__).resolve().parent.parent / "docs_corpus", corpus)
         app = App(work, {"RAG_BASE_URL": endpoint.url, "RAG_MODEL": MODEL, "RAG_MAX_ANSWER_TOKENS": "64"})
-        app.start()
+        app.start(timeout=300.0)
         with sync_playwright() as playwright:
             browser = playwright.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
             tab = Tab(browser, app.url)

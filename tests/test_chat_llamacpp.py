@@ -12,7 +12,6 @@ without ever checking the client against an independent server.
 from __future__ import annotations
 
 import asyncio
-import socket
 import subprocess
 import time
 from collections.abc import Iterator
@@ -25,6 +24,7 @@ from rag.chat import ChatClient, ChatDelta, ChatDone, ChatEvent, Message
 from rag.errors import ContextLengthError
 from rag.modelbuild import project_root
 from rag.server import stop_process
+from tests.apphost import free_port
 
 pytestmark = pytest.mark.slow
 
@@ -52,12 +52,6 @@ def find_gguf(root: Path) -> Path | None:
         if found:
             return found[-1]
     return None
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 @pytest.fixture(scope="module")

@@ -11,13 +11,8 @@ from __future__ import annotations
 
 import importlib.util
 import json
-import os
 import re
 import shutil
-import signal
-import socket
-import subprocess
-import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -26,6 +21,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+
+from tests.apphost import AppProcess
 
 ROOT = Path(__file__).resolve().parent.parent
 ARTIFACTS = ROOT / "test-artifacts" / "e2e"
@@ -159,67 +156,6 @@ class FakeOpenAI:
 # --- the app --------------------------------------------------------------------------------
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-class AppProcess:
-    """``chainlit run app.py --headless`` with its own app root, corpus and data folder."""
-
-    def __init__(self, tmp: Path, env: dict[str, str]) -> None:
-        self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        self.root = tmp / "approot"
-        self.corpus = tmp / "corpus"
-        self.log_path = tmp / "app.log"
-        shutil.copytree(ROOT / ".chainlit", self.root / ".chainlit")
-        shutil.copy(ROOT / "chainlit.md", self.root / "chainlit.md")
-        shutil.copytree(ROOT / "public", self.root / "public")
-        shutil.copytree(ROOT / "docs_corpus", self.corpus)
-        self.env = {
-            **{k: v for k, v in os.environ.items() if not k.startswith("RAG_")},
-            "CHAINLIT_APP_ROOT": str(self.root),
-            "RAG_CORPUS_DIR": str(self.corpus),
-            "RAG_DATA_DIR": str(tmp / "data"),
-            "HF_HUB_OFFLINE": "1",
-            "TRANSFORMERS_OFFLINE": "1",
-            "PYTHONUNBUFFERED": "1",
-            **env,
-        }
-        self.process: subprocess.Popen[bytes] | None = None
-
-    def start(self) -> None:
-        self.log = open(self.log_path, "wb")  # noqa: SIM115 - closed in stop()
-        self.process = subprocess.Popen(
-            [sys.executable, "-m", "chainlit", "run", str(ROOT / "app.py"), "--headless",
-             "--host", "127.0.0.1", "--port", str(self.port)],  # fmt: skip
-            cwd=self.root, env=self.env, stdout=self.log, stderr=subprocess.STDOUT, start_new_session=True,
-        )  # fmt: skip
-        deadline = time.monotonic() + START_TIMEOUT
-        while time.monotonic() < deadline:
-            if self.process.poll() is not None:
-                raise RuntimeError(f"the app exited with {self.process.returncode}:\n{self.output()}")
-            if "Your app is available at" in self.output():
-                return
-            time.sleep(0.5)
-        raise RuntimeError(f"the app did not start in {START_TIMEOUT:.0f} s:\n{self.output()}")
-
-    def output(self) -> str:
-        return self.log_path.read_text(encoding="utf-8", errors="replace")
-
-    def stop(self) -> None:
-        if self.process is not None and self.process.poll() is None:
-            os.killpg(self.process.pid, signal.SIGTERM)
-            try:
-                self.process.wait(15)
-            except subprocess.TimeoutExpired:
-                os.killpg(self.process.pid, signal.SIGKILL)
-                self.process.wait(5)
-        self.log.close()
-
-
 # httpcore's response-body generators, abandoned when rag.chat stops reading at "data: [DONE]",
 # are finalized later by the garbage collector, which prints these (encode/httpx#3777). They
 # are reported to rag.chat's owner; here they are not counted as the app's tracebacks.
@@ -248,7 +184,7 @@ def _fresh_artifacts() -> None:
 @pytest.fixture(scope="module")
 def app(tmp_path_factory: pytest.TempPathFactory, fake_openai: FakeOpenAI) -> Iterator[AppProcess]:
     process = AppProcess(tmp_path_factory.mktemp("e2e"), {"RAG_BASE_URL": fake_openai.url, "RAG_MODEL": MODELS[0]})
-    process.start()
+    process.start(START_TIMEOUT)
     try:
         yield process
     finally:
@@ -537,7 +473,7 @@ def test_real_model_answers_in_the_browser(browser: Any, tmp_path: Path) -> None
     (tmp_path / "data").mkdir()
     (tmp_path / "data" / "models").symlink_to(models)
     process = AppProcess(tmp_path, {"RAG_BASE_URL": "", "RAG_MODEL": ""})
-    process.start()
+    process.start(START_TIMEOUT)
     try:
         tab = Chat(browser, process, "real-model")
         tab.wait_text("Ask about your documents", timeout=300_000)

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import asyncio
 import shutil
-import socket
 import threading
 import time
 from collections.abc import Iterator
@@ -20,6 +19,7 @@ from rag.config import Settings
 from rag.modelbuild import is_built
 from rag.routing import EndpointsConfig, EndpointSpec, Router
 from rag.types import Chunk, Hit
+from tests.apphost import free_port
 
 pytestmark = pytest.mark.slow
 
@@ -27,12 +27,6 @@ ROOT = Path(__file__).resolve().parents[1]
 BUILT = ROOT / ".rag" / "models" / "smollm2-135m"
 HITS = [Hit(Chunk("c1", "home-composting-field-guide.pdf", "Turn the pile every 2 to 3 weeks so it gets air.",
                   0, 10, page=2), 1.0, 1, similarity=0.8)]  # fmt: skip
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 @pytest.fixture(scope="module")

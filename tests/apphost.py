@@ -1,0 +1,98 @@
+"""Processes for the tests that need real servers, shared with the benchmarks (bench/chat_latency.py).
+
+``free_port`` for a server about to start; ``AppProcess``: the Chainlit app as a user runs it,
+``chainlit run app.py --headless``, in a subprocess with its own app root, corpus and data folder.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+class AppProcess:
+    """The app in a subprocess: ``work/approot`` (a copy of ``.chainlit``, ``chainlit.md`` and
+    ``public``), ``work/corpus`` (seeded with ``docs_corpus/`` unless ``seed_corpus`` is false),
+    ``work/data`` and ``work/app.log``. ``env`` is added to the environment, whose ``RAG_*``
+    variables are dropped first. A subclass may start something else than ``chainlit run app.py``
+    by overriding ``command``."""
+
+    def __init__(
+        self,
+        work: Path,
+        env: dict[str, str],
+        *,
+        seed_corpus: bool = True,
+    ) -> None:
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.root = work / "approot"
+        self.corpus = work / "corpus"
+        self.data = work / "data"
+        self.log_path = work / "app.log"
+        if not self.root.exists():
+            shutil.copytree(ROOT / ".chainlit", self.root / ".chainlit")
+            shutil.copy(ROOT / "chainlit.md", self.root / "chainlit.md")
+            shutil.copytree(ROOT / "public", self.root / "public")
+        if seed_corpus:
+            shutil.copytree(ROOT / "docs_corpus", self.corpus)
+        self.env = {
+            **{k: v for k, v in os.environ.items() if not k.startswith("RAG_")},
+            "CHAINLIT_APP_ROOT": str(self.root),
+            "RAG_CORPUS_DIR": str(self.corpus),
+            "RAG_DATA_DIR": str(self.data),
+            "HF_HUB_OFFLINE": "1",
+            "TRANSFORMERS_OFFLINE": "1",
+            "PYTHONUNBUFFERED": "1",
+            "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])),
+            **env,
+        }
+        self.process: subprocess.Popen[bytes] | None = None
+
+    def command(self) -> list[str]:
+        return [sys.executable, "-m", "chainlit", "run", str(ROOT / "app.py"), "--headless",
+                "--host", "127.0.0.1", "--port", str(self.port)]  # fmt: skip
+
+    def start(self, timeout: float = 240.0) -> None:
+        """Start it and wait until it serves; raises ``RuntimeError`` with its output if it does not."""
+        self.log = open(self.log_path, "ab")  # noqa: SIM115 - closed in stop()
+        self.process = subprocess.Popen(
+            self.command(), cwd=self.root, env=self.env, stdout=self.log, stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )  # fmt: skip
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                raise RuntimeError(f"the app exited with {self.process.returncode}:\n{self.output()}")
+            if "Your app is available at" in self.output():
+                return
+            time.sleep(0.3)
+        raise RuntimeError(f"the app did not start in {timeout:.0f} s:\n{self.output()}")
+
+    def output(self) -> str:
+        return self.log_path.read_text(encoding="utf-8", errors="replace")
+
+    def stop(self) -> None:
+        """Stop the app and everything it started (its process group)."""
+        if self.process is not None and self.process.poll() is None:
+            os.killpg(self.process.pid, signal.SIGTERM)
+            try:
+                self.process.wait(15)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.process.pid, signal.SIGKILL)
+                self.process.wait(5)
+        self.log.close()
