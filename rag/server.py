@@ -310,6 +310,9 @@ class ChatHandler(BaseHTTPRequestHandler):
     server: OpenAIServer
     protocol_version = "HTTP/1.1"
     timeout = 300  # a client that stops reading for this long is dropped (its generation stops)
+    # TCP_NODELAY: on a kept-alive connection, a stream's first event would otherwise wait for the
+    # client's delayed ACK of the headers (Nagle): ~30-40 ms added to the first token.
+    disable_nagle_algorithm = True
 
     def log_message(self, format: str, *args: Any) -> None:  # noqa: A002 - the stdlib's name
         log.debug("%s " + format, self.client_address[0], *args)

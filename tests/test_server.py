@@ -489,3 +489,23 @@ def test_find_running_ignores_dead_or_silent_servers(settings: Settings) -> None
 def test_missing_default_model_says_how_to_build_it(settings: Settings) -> None:
     with pytest.raises(ModelBuildError, match="python -m rag model build"):
         default_model_sources(settings)
+
+
+def test_small_writes_go_out_at_once(server: OpenAIServer, client: httpx.Client,
+                                     monkeypatch: pytest.MonkeyPatch) -> None:  # fmt: skip
+    """TCP_NODELAY on every connection: on a kept-alive connection (the chat opens one ahead
+    of its request), a stream's first event must not wait for the client to ACK the headers."""
+    from rag.server import ChatHandler
+
+    nodelay: list[int] = []
+    setup = ChatHandler.setup
+
+    def recording_setup(self: ChatHandler) -> None:
+        setup(self)
+        nodelay.append(self.connection.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY))
+
+    monkeypatch.setattr(ChatHandler, "setup", recording_setup)
+    client.get(f"{server.url}/models")
+    text, _ = stream_text(client, server.url, chat("kept alive"))
+    assert text == "echo: kept alive "
+    assert nodelay and all(nodelay)
