@@ -697,3 +697,75 @@ def test_local_endpoints_bypass_environment_proxies(base_url: str, trusts_env: b
             return chat._client.trust_env
 
     assert asyncio.run(main()) is trusts_env
+
+
+# --- preconnect -----------------------------------------------------------------------------
+
+
+def test_preconnect_opens_the_connection_the_next_request_uses() -> None:
+    """Against a real HTTP/1.1 server on a socket: the answer's request goes over the
+    connection ``preconnect`` opened (one connection accepted, two requests served)."""
+    import threading
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    connections: list[int] = []
+    paths: list[str] = []
+
+    class Handler(BaseHTTPRequestHandler):
+        protocol_version = "HTTP/1.1"
+
+        def setup(self) -> None:
+            super().setup()
+            connections.append(1)
+
+        def log_message(self, *args: Any) -> None:
+            pass
+
+        def _reply(self, body: dict[str, Any]) -> None:
+            paths.append(f"{self.command} {self.path}")
+            raw = json.dumps(body).encode()
+            self.send_response(200)
+            self.send_header("content-type", "application/json")
+            self.send_header("content-length", str(len(raw)))
+            self.end_headers()
+            self.wfile.write(raw)
+
+        def do_GET(self) -> None:  # noqa: N802
+            self._reply({"object": "list", "data": [{"id": MODEL, "object": "model"}]})
+
+        def do_POST(self) -> None:  # noqa: N802
+            self.rfile.read(int(self.headers["content-length"]))
+            self._reply({"choices": [{"index": 0, "message": {"role": "assistant", "content": "Hello."}}]})
+
+    httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=httpd.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True).start()
+
+    async def main() -> str:
+        async with ChatClient(f"http://127.0.0.1:{httpd.server_address[1]}/v1") as chat:
+            await chat.preconnect()
+            text, _ = await chat.complete(QUESTION, model=MODEL)
+            return text
+
+    try:
+        assert asyncio.run(main()) == "Hello."
+    finally:
+        httpd.shutdown()
+        httpd.server_close()
+    assert paths == ["GET /v1/models", "POST /v1/chat/completions"]
+    assert len(connections) == 1
+
+
+def test_preconnect_to_nothing_is_silent_and_the_request_still_reports() -> None:
+    import socket
+
+    with socket.socket() as probe:  # a port nothing listens on
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+
+    async def main() -> None:
+        async with ChatClient(f"http://127.0.0.1:{port}/v1", connect_retries=0) as chat:
+            await chat.preconnect()  # no exception
+            with pytest.raises(EndpointUnreachableError):
+                await chat.complete(QUESTION, model=MODEL)
+
+    asyncio.run(main())
