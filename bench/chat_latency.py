@@ -25,6 +25,10 @@ What runs:
 - The browser: Debian's Chromium through Playwright. A capture-phase ``keydown`` listener records
   Enter's ``event.timeStamp``; a ``MutationObserver`` records ``performance.now()`` when the new
   assistant message first contains the first token (a marker word the endpoint sends first).
+  A wrapped ``WebSocket`` stamps the frame that carries the question out and the one that
+  brings the first token in; with the browser's ``timeOrigin`` against the app's wall clock,
+  the browser's share splits into the page's own work and the socket
+  (``page:enter->send``, ``wire:send->app``, ``wire:app->frame``, ``page:frame->token``).
 
 Overhead = (first token in the page - Enter) - endpoint TTFT, per question; medians reported.
 The first question of each chat has no history, so no rewrite; the follow-up in the same chat is
@@ -166,7 +170,7 @@ def install_trace(path: str) -> None:
     stream_token = chainlit.message.MessageBase.stream_token
 
     async def traced_stream_token(self: Any, token: str, is_sequence: bool = False) -> None:
-        # The first token of each message (the app sends the answer's message empty, then streams).
+        # The first token of each message (the answer's message is sent first with a placeholder).
         first = bool(token) and not getattr(self, "_bench_streamed", False)
         if first:
             self._bench_streamed = True
@@ -256,6 +260,7 @@ class Endpoint:
 
         class Handler(BaseHTTPRequestHandler):
             protocol_version = "HTTP/1.1"
+            disable_nagle_algorithm = True  # as rag serve, Foundry Local (Kestrel) and uvicorn do
 
             def log_message(self, *args: Any) -> None:
                 pass
@@ -435,7 +440,8 @@ def build_index(corpus: Path, data: Path, n_chunks: int, *, base: int, per_file:
 
 ARM_JS = """([mark]) => {
   const before = document.querySelectorAll('[data-step-type="assistant_message"]').length;
-  const b = window.__bench = {enter: null, first: null, paint: null, before};
+  const b = window.__bench = {enter: null, first: null, paint: null, before, origin: performance.timeOrigin,
+                             mark, sent: null, frame: null};
   if (!window.__benchKey) {
     window.__benchKey = true;
     document.addEventListener('keydown', e => {
@@ -457,6 +463,28 @@ ARM_JS = """([mark]) => {
   obs.observe(document.body, {childList: true, subtree: true, characterData: true});
 }"""
 
+# Installed before the page's scripts: stamps the socket frames that carry the question (sent) and
+# the first answer token (received), so the browser's share splits into its own work and the wire.
+WS_JS = """(() => {
+  const Native = window.WebSocket;
+  window.WebSocket = function (...args) {
+    const ws = new Native(...args);
+    ws.addEventListener('message', e => {
+      const b = window.__bench;
+      if (b && b.frame === null && typeof e.data === 'string' && b.mark && e.data.includes(b.mark)) b.frame = performance.now();
+    });
+    const send = ws.send.bind(ws);
+    ws.send = data => {
+      const b = window.__bench;
+      if (b && b.sent === null && b.enter !== null && typeof data === 'string' && data.includes('"message"')) b.sent = performance.now();
+      return send(data);
+    };
+    return ws;
+  };
+  window.WebSocket.prototype = Native.prototype;
+  Object.assign(window.WebSocket, {CONNECTING: 0, OPEN: 1, CLOSING: 2, CLOSED: 3});
+})();"""
+
 DONE_JS = """() => {
   const b = window.__bench;
   const n = document.querySelectorAll('[data-step-type="assistant_message"]').length;
@@ -467,6 +495,7 @@ DONE_JS = """() => {
 class Tab:
     def __init__(self, browser: Any, url: str, *, timeout_ms: float = 300_000) -> None:
         self.context = browser.new_context(viewport={"width": 1400, "height": 1000})
+        self.context.add_init_script(WS_JS)
         self.page = self.context.new_page()
         self.page.set_default_timeout(timeout_ms)
         with self.page.expect_websocket():
@@ -495,6 +524,10 @@ class Tab:
 
 def _first(events: list[dict[str, Any]], name: str, after: float = 0.0) -> float | None:
     return next((e["t"] for e in events if e["ev"] == name and e["t"] >= after), None)
+
+
+def _wall(events: list[dict[str, Any]], name: str) -> float | None:
+    return next((e["wall"] for e in events if e["ev"] == name), None)
 
 
 def analyse(browser: dict[str, Any], events: list[dict[str, Any]], calls: list[dict[str, Any]]) -> dict[str, Any] | None:
@@ -535,6 +568,18 @@ def analyse(browser: dict[str, Any], events: list[dict[str, Any]], calls: list[d
     server = ms(recv, stamps["stream_token:end"]) - ep_ttft - row.get("rewrite_endpoint", 0.0)
     row["server_side"] = server
     row["socket+render"] = total - ep_ttft - row.get("rewrite_endpoint", 0.0) - server
+    # Split by the wall clock (the browser's timeOrigin and the app's time.time(), same machine):
+    # Enter -> the socket message in the app, and the first token's emit -> seen in the page.
+    origin = browser.get("origin")
+    recv_wall, emitted_wall = _wall(events, "recv"), _wall(events, "stream_token:end")
+    if origin and recv_wall is not None and emitted_wall is not None:
+        row["to_app"] = recv_wall * 1000 - (origin + browser["enter"])
+        row["to_page"] = (origin + browser["first"]) - emitted_wall * 1000
+        if browser.get("sent") is not None and browser.get("frame") is not None:
+            row["page:enter->send"] = browser["sent"] - browser["enter"]
+            row["wire:send->app"] = recv_wall * 1000 - (origin + browser["sent"])
+            row["wire:app->frame"] = (origin + browser["frame"]) - emitted_wall * 1000
+            row["page:frame->token"] = browser["first"] - browser["frame"]
     return row
 
 
@@ -595,7 +640,8 @@ def run_chats(tab_factory: Callable[[], Tab], app: App, endpoint: Endpoint, ques
 
 
 BREAKDOWN = ["dispatch", "retrieve", "embed_query", "retrieval_step+prompt", "prompt", "http_to_endpoint",
-             "sse_read", "emit_token", "server_side", "socket+render"]  # fmt: skip
+             "sse_read", "emit_token", "server_side", "socket+render", "to_app", "to_page",
+             "page:enter->send", "wire:send->app", "wire:app->frame", "page:frame->token"]  # fmt: skip
 
 
 def report(name: str, firsts: list[dict], follows: list[dict]) -> str:

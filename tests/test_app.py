@@ -433,3 +433,49 @@ def test_app_module_is_the_only_chainlit_importer() -> None:
     for path in (ROOT / "rag").glob("*.py"):
         assert "chainlit" not in path.read_text(encoding="utf-8"), path
     assert "chainlit" in sys.modules  # imported here through app.py, into the temp app root
+
+
+class RecordedMessage:
+    """Stands in for ``cl.Message``: records what the page would be sent, in order."""
+
+    log: list[tuple[str, str]] = []
+
+    def __init__(self, content: str = "", **_: Any) -> None:
+        self.content = content
+        self.elements: list[Any] = []
+
+    async def send(self) -> None:
+        self.log.append(("send", self.content))
+
+    async def stream_token(self, token: str, is_sequence: bool = False) -> None:
+        self.content = token if is_sequence else self.content + token
+        self.log.append(("token" + (" replaces" if is_sequence else ""), token))
+
+    async def update(self) -> None:
+        self.log.append(("update", self.content))
+        self.log.append(("elements", " ".join(e.name for e in self.elements)))
+
+
+def test_answer_message_is_drawn_before_its_first_token_which_replaces_the_placeholder(
+    app: ModuleType, state: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from rag.chat import ChatDelta, ChatDone
+    from rag.pipeline import Answer
+
+    async def model_events() -> Any:
+        for text in ("Turn ", "it [1]."):
+            yield ChatDelta(text)
+        yield ChatDone(finish_reason="stop", usage=None, model="m")
+
+    RecordedMessage.log = []
+    monkeypatch.setattr(app.cl, "Message", RecordedMessage)
+    monkeypatch.setattr(app, "to_chainlit", lambda element: element)  # cl.Text needs a live chat
+    stream = Answer(hits=[hit(1, "Turn the pile weekly.", source="guide.md")], messages=[], model="m",
+                    _events=model_events())  # fmt: skip
+    chat = app.ChatState(prefs=app.Preferences.from_settings(state.settings))
+    asyncio.run(app.stream_answer(state, chat, "How often?", stream, aiter(stream)))
+    log = RecordedMessage.log
+    assert log[:3] == [("send", app.READING), ("token replaces", "Turn "), ("token", "it [1].")]
+    assert log[3][0] == "update" and log[3][1].startswith("Turn it [1].") and app.READING not in log[3][1]
+    assert log[4:] == [("elements", "[1]")]
+    assert chat.history[-1].content == "Turn it."  # remembered without the placeholder
