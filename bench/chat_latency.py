@@ -101,10 +101,11 @@ def _wrap_sync(owner: Any, name: str, trace: Trace, label: str, info: Callable[.
 
     def wrapped(*args: Any, **kwargs: Any) -> Any:
         trace(label + ":start", **(info(*args, **kwargs) if info else {}))
+        cpu = time.thread_time()
         try:
             return original(*args, **kwargs)
         finally:
-            trace(label + ":end")
+            trace(label + ":end", cpu=time.thread_time() - cpu)  # this thread's CPU time in the call
 
     setattr(owner, name, wrapped)
 
@@ -216,10 +217,15 @@ def serve_app(port: int) -> None:
 
 class App(AppProcess):
     """The app (``tests/apphost.py``) with its pipeline instrumented: started through
-    ``--serve-app`` below, writing its trace to ``work/trace.jsonl``. The corpus is the caller's."""
+    ``--serve-app`` below, writing its trace to ``work/trace.jsonl``. The corpus is the caller's.
+    ``checkout``: another checkout of this repository whose app (and ``--serve-app``) runs instead,
+    the baseline of a side-by-side comparison."""
 
-    def __init__(self, work: Path, env: dict[str, str]) -> None:
+    def __init__(self, work: Path, env: dict[str, str], *, checkout: Path | None = None) -> None:
         self.trace_path = work / "trace.jsonl"
+        self.checkout = checkout
+        if checkout is not None:
+            env = {**env, "PYTHONPATH": os.pathsep.join(filter(None, [str(checkout), os.environ.get("PYTHONPATH")]))}
         super().__init__(work, {TRACE_ENV: str(self.trace_path), **env}, seed_corpus=False)
 
     def command(self) -> list[str]:
@@ -559,6 +565,9 @@ def analyse(browser: dict[str, Any], events: list[dict[str, Any]], calls: list[d
     row["retrieve"] = ms(stamps["retrieve:start"], stamps["retrieve:end"])
     if stamps["embed_query:start"] is not None and stamps["embed_query:end"] is not None:
         row["embed_query"] = ms(stamps["embed_query:start"], stamps["embed_query:end"])
+        cpu = next((e.get("cpu") for e in events if e["ev"] == "embed_query:end"), None)
+        if cpu is not None:  # (a baseline's older trace has no CPU times)
+            row["embed_query cpu"] = 1000 * cpu
     if stamps["prompt:start"] is not None and stamps["prompt:end"] is not None:
         row["prompt"] = ms(stamps["prompt:start"], stamps["prompt:end"])
     row["retrieval_step+prompt"] = ms(stamps["retrieve:end"], stamps["request"])
@@ -612,6 +621,20 @@ def start_runtime(work: Path, model_dir: Path) -> tuple[str, Callable[[], None],
     return url, stop, str(card["id"]), int(card.get("context_length") or 4096)
 
 
+def run_side_by_side(browser: Any, apps: list[App], endpoint: Endpoint, questions: list[tuple[str, str, str]],
+                     *, log: Callable[[str], None]) -> list[tuple[list[dict], list[dict]]]:  # fmt: skip
+    """Each chat on every app in turn (the order alternating), so that both see the same load."""
+    results: list[tuple[list[dict], list[dict]]] = [([], []) for _ in apps]
+    for i, chat in enumerate(questions):
+        order = list(range(len(apps)))[:: 1 if i % 2 == 0 else -1]
+        for a in order:
+            firsts, follows = run_chats(lambda: Tab(browser, apps[a].url), apps[a], endpoint, [chat], follow_up=True,
+                                        log=lambda text: log(f"  [{'current' if a == 0 else 'baseline'}]{text[1:]}"))  # fmt: skip
+            results[a][0].extend(firsts)
+            results[a][1].extend(follows)
+    return results
+
+
 def run_chats(tab_factory: Callable[[], Tab], app: App, endpoint: Endpoint, questions: list[tuple[str, str, str]],
               *, follow_up: bool, log: Callable[[str], None]) -> tuple[list[dict], list[dict]]:  # fmt: skip
     firsts, follows = [], []
@@ -639,7 +662,7 @@ def run_chats(tab_factory: Callable[[], Tab], app: App, endpoint: Endpoint, ques
     return firsts, follows
 
 
-BREAKDOWN = ["dispatch", "retrieve", "embed_query", "retrieval_step+prompt", "prompt", "http_to_endpoint",
+BREAKDOWN = ["dispatch", "retrieve", "embed_query", "embed_query cpu", "retrieval_step+prompt", "prompt", "http_to_endpoint",
              "sse_read", "emit_token", "server_side", "socket+render", "to_app", "to_page",
              "page:enter->send", "wire:send->app", "wire:app->frame", "page:frame->token"]  # fmt: skip
 
@@ -666,6 +689,17 @@ def report(name: str, firsts: list[dict], follows: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def compare(firsts: list[dict], follows: list[dict], base_firsts: list[dict], base_follows: list[dict]) -> str:
+    """This checkout against the baseline, run side by side: medians and their ratio."""
+    lines = ["### Side by side", "", "| question | overhead, median: this checkout (ms) | baseline (ms) | ratio |",
+             "|---|---|---|---|"]  # fmt: skip
+    for label, rows, base in (("first (no rewrite)", firsts, base_firsts), ("follow-up (rewritten)", follows, base_follows)):
+        now, then = med(rows, "overhead"), med(base, "overhead")
+        if now is not None and then is not None:
+            lines.append(f"| {label} | **{now:.0f}** | {then:.0f} | {now / then:.2f} |")
+    return "\n".join(lines)
+
+
 def main(argv: list[str] | None = None) -> int:
     if argv is None and len(sys.argv) > 2 and sys.argv[1] == "--serve-app":
         serve_app(int(sys.argv[2]))
@@ -683,6 +717,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--model-dir", type=Path, default=REPO / ".rag" / "models" / "smollm2-135m")
     parser.add_argument("--max-answer-tokens", type=int, default=64, help="RAG_MAX_ANSWER_TOKENS for the app (64)")
     parser.add_argument("--keep", action="store_true", help="keep the work folder (printed)")
+    parser.add_argument("--baseline", type=Path, metavar="CHECKOUT",
+                        help="another checkout (e.g. `git worktree add /tmp/base <commit>`) whose app runs side by "
+                             "side: the same index, endpoint and browser, chats alternating between the two")
     add_json_option(parser, "chat_latency")
     args = parser.parse_args(argv)
 
@@ -696,7 +733,7 @@ def main(argv: list[str] | None = None) -> int:
     log(f"machine {machine()}; work folder {work}")
     stop_runtime: Callable[[], None] = lambda: None  # noqa: E731
     endpoint = Endpoint(ttft=args.ttft, rewrite_delay=args.rewrite_delay, rewrites={f: s for _, f, s in QUESTIONS})
-    app: App | None = None
+    apps: list[App] = []
     try:
         built = build_index(work / "corpus", work / "data", args.chunks, base=args.base)
         log(f"index: {built['chunks']} synthetic chunks in {built['files']} files, committed in {built['seconds']:.0f} s")
@@ -707,25 +744,41 @@ def main(argv: list[str] | None = None) -> int:
             upstream = (parts.hostname or "127.0.0.1", int(parts.port or 80), model_id)
             endpoint.context_length = window
             log(f"rag serve at {url}: {model_id}, context {window}")
-        app = App(work, {"RAG_BASE_URL": endpoint.url, "RAG_MODEL": MODEL,
-                         "RAG_MAX_ANSWER_TOKENS": str(args.max_answer_tokens)})  # fmt: skip
+        app_env = {"RAG_BASE_URL": endpoint.url, "RAG_MODEL": MODEL, "RAG_MAX_ANSWER_TOKENS": str(args.max_answer_tokens)}
+        app = App(work, app_env)
+        apps = [app]
+        if args.baseline is not None:
+            base_work = work / "baseline"
+            for part in ("corpus", "data"):
+                shutil.copytree(work / part, base_work / part)
+            apps.append(App(base_work, app_env, checkout=args.baseline.resolve()))
         started = time.monotonic()
-        app.start(timeout=300.0)
+        for each in apps:
+            each.start(timeout=300.0)
         results: dict[str, Any] = {}
         with sync_playwright() as playwright:
             browser = playwright.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
             factory = lambda: Tab(browser, app.url)  # noqa: E731
-            warm = factory()
-            warm.welcome()
-            log(f"app ready in {time.monotonic() - started:.0f} s; warm-up chat")
-            run_chats(lambda: warm, app, endpoint, QUESTIONS[:1], follow_up=True, log=lambda _: None)
+            for each in apps:
+                warm = Tab(browser, each.url)
+                warm.welcome()
+                run_chats(lambda: warm, each, endpoint, QUESTIONS[:1], follow_up=True, log=lambda _: None)  # noqa: B023
+            log(f"app{'s' if len(apps) > 1 else ''} ready in {time.monotonic() - started:.0f} s; warmed up")
             questions = [QUESTIONS[i % len(QUESTIONS)] for i in range(args.chats)]
             log(f"scripted endpoint (TTFT {args.ttft * 1000:.0f} ms): {args.chats} chats")
             load0 = os.getloadavg()[0]
-            firsts, follows = run_chats(factory, app, endpoint, questions, follow_up=True, log=log)
+            title = f"Scripted endpoint, TTFT {args.ttft * 1000:.0f} ms, rewrite {args.rewrite_delay * 1000:.0f} ms"
+            if len(apps) == 1:
+                firsts, follows = run_chats(factory, app, endpoint, questions, follow_up=True, log=log)
+                text = report(title, firsts, follows)
+            else:
+                (firsts, follows), (base_firsts, base_follows) = run_side_by_side(browser, apps, endpoint, questions,
+                                                                                  log=log)  # fmt: skip
+                results["baseline"] = {"checkout": str(args.baseline), "first": base_firsts, "follow_up": base_follows}
+                text = (report(title + ": this checkout", firsts, follows) + "\n\n"
+                        + report(title + f": baseline {args.baseline}", base_firsts, base_follows) + "\n\n"
+                        + compare(firsts, follows, base_firsts, base_follows))  # fmt: skip
             results["scripted"] = {"first": firsts, "follow_up": follows, "load_avg_1m": [load0, os.getloadavg()[0]]}
-            text = report(f"Scripted endpoint, TTFT {args.ttft * 1000:.0f} ms, rewrite {args.rewrite_delay * 1000:.0f} ms",
-                          firsts, follows)  # fmt: skip
             if upstream is not None:
                 endpoint.upstream = upstream
                 log(f"rag serve ({upstream[2]}): {args.real} chats, first questions only")
@@ -743,8 +796,9 @@ def main(argv: list[str] | None = None) -> int:
         save_results("chat_latency", {"args": vars(args) | {"model_dir": str(args.model_dir)}, **results},
                      args.json)  # fmt: skip
     finally:
-        if app is not None:
-            app.stop()
+        for each in apps:
+            if each.process is not None:
+                each.stop()
         endpoint.close()
         stop_runtime()
         if args.keep:
