@@ -823,7 +823,10 @@ async def send_settings(chat: ChatState, endpoint: Endpoint | None) -> None:
 
 
 def welcome_text(snapshot: Snapshot | None, endpoint: Endpoint | None, error: BaseException | None,
-                 corpus_dir: Path) -> str:  # fmt: skip
+                 corpus_dir: Path, *, suggest: bool = False) -> str:  # fmt: skip
+    """The chat's first message. ``suggest``: list the starter questions in it (the page shows
+    them as buttons only when they existed as it loaded, i.e. not on a first visit that waited
+    for the first index build)."""
     folder = code_span(str(corpus_dir))
     lines = []
     if snapshot is None or len(snapshot) == 0:
@@ -837,6 +840,9 @@ def welcome_text(snapshot: Snapshot | None, endpoint: Endpoint | None, error: Ba
             f"{_plural(len(snapshot), 'passage')} are indexed from {folder}. Answers cite their passages "
             f"as [1], [2]…: click a number to read it. Add files by attaching them or dropping them into {folder}."
         )
+        if suggest:
+            questions = [q for _, q in starter_questions(snapshot)]
+            lines.append("You could ask:\n" + "\n".join(f"- {escape_markdown(q)}" for q in questions))
     if endpoint is not None:
         where_ = "on this computer" if endpoint.local else escape_markdown(endpoint.base_url)
         lines.append(f"Answers come from **{escape_markdown(endpoint.model)}** ({where_}).")
@@ -853,6 +859,8 @@ async def on_chat_start() -> None:
     state = get_state()
     chat = chat_state()
     try:
+        # The page asked for its starters as it loaded: there were none if the index is not there yet.
+        had_starters = state.ready.is_set() and await asyncio.to_thread(state.live.store.current_generation) is not None
         snapshot = await wait_until_indexed(state)
         # Listed only now: the first build's own report would repeat what the welcome says.
         state.sessions.add(cl.context.session.id)
@@ -864,7 +872,8 @@ async def on_chat_start() -> None:
             error = exc
         await send_settings(chat, endpoint)
         # A system message leaves the welcome screen (starters) in place until the first question.
-        await say(welcome_text(snapshot, endpoint, error, state.settings.corpus_dir), type="system_message")
+        text = welcome_text(snapshot, endpoint, error, state.settings.corpus_dir, suggest=not had_starters)
+        await say(text, type="system_message")
     except Exception as exc:
         log.exception("chat start failed")
         await say(friendly_error(exc))

@@ -290,6 +290,16 @@ def test_welcome_without_documents_says_how_to_add_them(app: ModuleType, tmp_pat
     assert "You can still search" in text
 
 
+def test_welcome_lists_the_starter_questions_when_the_page_had_none(app: ModuleType, indexed: Settings) -> None:
+    snapshot = IndexStore(indexed.index_dir).load()
+    plain = app.welcome_text(snapshot, None, None, indexed.corpus_dir)
+    text = app.welcome_text(snapshot, None, None, indexed.corpus_dir, suggest=True)
+    assert "You could ask" not in plain and text.startswith(plain.split("\n\n")[0])
+    html = RENDER.render(text)
+    for _, question in app.starter_questions(snapshot):
+        assert f"<li>{question}</li>" in html
+
+
 def test_gate_text_shows_the_closest_passages_escaped(app: ModuleType) -> None:
     from rag.pipeline import Retrieval
 
