@@ -991,14 +991,19 @@ async def ask(state: AppState, chat: ChatState, question: str) -> None:
             f"{endpoint.base_url} is not on this computer and the policy is local-only: "
             "choose another policy in the settings")  # fmt: skip
 
+    prefs = chat.prefs
+    # --- routing (rag/routing.py): an endpoints file; the rewrite goes where the answer would ---
+    router = await state.router(prefs.policy)
     standalone = question
-    if chat.history and client is not None:
+    if chat.history and (router is not None or client is not None):
         async with cl.Step(name="Standalone question", type="llm", show_input=False) as step:
-            standalone = await rewrite_question(client, model, chat.history, question)
+            if router is not None:
+                standalone = await router.rewrite(chat.history, question)
+            else:
+                standalone = await rewrite_question(client, model, chat.history, question)  # type: ignore[arg-type]
             step.output = escape_markdown(standalone)
 
-    prefs = chat.prefs
-    if client is not None:
+    if client is not None and router is None:
         # The answer's connection is opened while the question is embedded and searched.
         state.spawn(client.preconnect())
     try:
@@ -1016,8 +1021,7 @@ async def ask(state: AppState, chat: ChatState, question: str) -> None:
 
     stream: Answer | None = None
     # --- routing (rag/routing.py): several endpoints, or local-only against a remote one ---
-    router = await state.router(prefs.policy) if found.relevant else None
-    if router is not None:
+    if router is not None and found.relevant:
         try:
             stream = await router.answer(
                 standalone, found.hits, chat.history, count=state.count, temperature=prefs.temperature,

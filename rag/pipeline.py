@@ -105,12 +105,20 @@ async def rewrite_question(
     if not history or not question.strip():
         return question
     try:
-        async with asyncio.timeout(timeout):
-            text, _ = await client.complete(
-                rewrite_messages(history, question), model=model, temperature=0.0, max_tokens=REWRITE_MAX_TOKENS
-            )
+        return await request_rewrite(client, model, history, question, timeout=timeout)
     except (RagError, TimeoutError):
         return question
+
+
+async def request_rewrite(
+    client: ChatClient, model: str, history: Sequence[Message], question: str, *, timeout: float | None
+) -> str:
+    """``rewrite_question`` that raises (``RagError``, ``TimeoutError``) instead of giving up:
+    for a caller with another endpoint to try."""
+    async with asyncio.timeout(timeout):
+        text, _ = await client.complete(
+            rewrite_messages(history, question), model=model, temperature=0.0, max_tokens=REWRITE_MAX_TOKENS
+        )
     return clean_rewrite(text, question)
 
 

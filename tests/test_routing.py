@@ -10,7 +10,7 @@ from typing import Any
 import httpx
 import pytest
 
-from rag.chat import ChatDelta, ChatDone
+from rag.chat import ChatDelta, ChatDone, Message
 from rag.config import Settings, load_settings
 from rag.errors import ConfigError, EndpointError, PolicyError
 from rag.routing import (
@@ -65,7 +65,11 @@ class FakeNetwork:
             return httpx.Response(500, json={"error": {"message": "model crashed"}})
         if mode == "ctx":
             return httpx.Response(400, json={"error": {"message": "maximum context length exceeded"}})
-        model = json.loads(request.content)["model"] if request.content else "?"
+        body = json.loads(request.content) if request.content else {}
+        model = body.get("model", "?")
+        if body.get("stream") is False:  # a rewrite
+            return httpx.Response(200, json={"choices": [{"index": 0, "finish_reason": "stop",
+                                  "message": {"role": "assistant", "content": f"Rewritten by {model}?"}}]})  # fmt: skip
         return httpx.Response(200, content=sse(f"answer from {model} [1]", model),
                               headers={"content-type": "text/event-stream"})  # fmt: skip
 
@@ -338,3 +342,29 @@ async def test_discovered_endpoint_is_the_implicit_list(tmp_path: Path) -> None:
     assert isinstance(events[-1], ChatDone) and reply.text == "hi [1]"
     await r.aclose()
 
+
+# --- the follow-up's rewrite ----------------------------------------------------------------
+
+HISTORY = [Message("user", "How do I compost?"), Message("assistant", "Turn the pile weekly.")]
+
+
+async def test_rewrite_goes_where_the_policy_sends_the_answer(tmp_path: Path) -> None:
+    r, net = router([CLOUD, LOCAL], UP, "local-only", tmp_path)
+    assert await r.rewrite(HISTORY, "and how often?") == "Rewritten by small?"
+    assert net.to(CLOUD) == []
+    await r.aclose()
+    r, net = router([CLOUD, LOCAL], UP, "cloud-first", tmp_path)
+    assert await r.rewrite(HISTORY, "and how often?") == "Rewritten by big?"
+    await r.aclose()
+
+
+async def test_rewrite_skips_an_endpoint_that_cannot_open_and_keeps_the_question_when_none_can(
+    tmp_path: Path,
+) -> None:
+    r, net = router([CLOUD, LOCAL], {**UP, "api.example.com:443": "down"}, "cloud-first", tmp_path)
+    assert await r.rewrite(HISTORY, "and how often?") == "Rewritten by small?"
+    await r.aclose()
+    r, net = router([LOCAL], {"127.0.0.1:5273": "down"}, "local-only", tmp_path)
+    assert await r.rewrite(HISTORY, "and how often?") == "and how often?"
+    assert await r.rewrite([], "How do I compost?") == "How do I compost?"
+    await r.aclose()

@@ -128,3 +128,41 @@ def test_by_task_falls_back_to_local_when_the_chosen_endpoint_is_slow(
     )
     assert endpoint == "runtime" and text.strip()
     assert why.startswith("summariser slow-model timed out:")
+
+
+def test_rewrite_falls_back_to_the_runtime_which_answers(
+    runtime_url: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import rag.routing
+    from rag.chat import Message
+
+    calls: list[tuple[str, str]] = []
+    real = rag.routing.request_rewrite
+
+    async def recording(client: object, model: str, *args: object, **kwargs: object) -> str:
+        try:
+            text = await real(client, model, *args, **kwargs)  # type: ignore[arg-type]
+        except Exception as exc:
+            calls.append((model, type(exc).__name__))
+            raise
+        calls.append((model, "ok"))
+        return text
+
+    monkeypatch.setattr(rag.routing, "request_rewrite", recording)
+    stopped = EndpointSpec("stopped", f"http://127.0.0.1:{free_port()}/v1", "gemma3-270m", context_window=8192)
+    runtime = EndpointSpec("runtime", runtime_url, "smollm2-135m")
+    settings = Settings(data_dir=tmp_path, connect_retries=0, first_token_timeout=60)
+    history = [Message("user", "How often should a compost pile be turned?"),
+               Message("assistant", "Every 2 to 3 weeks, so it gets air [1].")]  # fmt: skip
+
+    async def main() -> str:
+        router = Router(EndpointsConfig((stopped, runtime), {}, "test"), settings, policy="local-first")
+        try:
+            return await router.rewrite(history, "and in winter?")
+        finally:
+            await router.aclose()
+
+    standalone = asyncio.run(main())
+    assert calls[0] == ("gemma3-270m", "EndpointUnreachableError")
+    assert calls[1][1] == "ok" and calls[1][0].startswith("smollm2-135m")
+    assert standalone.strip()
