@@ -629,7 +629,8 @@ def run_side_by_side(browser: Any, apps: list[App], endpoint: Endpoint, question
         order = list(range(len(apps)))[:: 1 if i % 2 == 0 else -1]
         for a in order:
             firsts, follows = run_chats(lambda: Tab(browser, apps[a].url), apps[a], endpoint, [chat], follow_up=True,
-                                        log=lambda text: log(f"  [{'current' if a == 0 else 'baseline'}]{text[1:]}"))  # fmt: skip
+                                        log=lambda text: log(f"  [{'current' if a == 0 else 'baseline'}] "
+                                                             + text.strip().replace("chat 0", f"chat {i}", 1)))  # fmt: skip
             results[a][0].extend(firsts)
             results[a][1].extend(follows)
     return results
