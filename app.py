@@ -871,6 +871,8 @@ async def on_chat_start() -> None:
         except RagError as exc:
             error = exc
         await send_settings(chat, endpoint)
+        if endpoint is not None:
+            state.spawn(endpoint.client.preconnect())  # the first question's connection
         # A system message leaves the welcome screen (starters) in place until the first question.
         text = welcome_text(snapshot, endpoint, error, state.settings.corpus_dir, suggest=not had_starters)
         await say(text, type="system_message")
@@ -1003,9 +1005,6 @@ async def ask(state: AppState, chat: ChatState, question: str) -> None:
                 standalone = await rewrite_question(client, model, chat.history, question)  # type: ignore[arg-type]
             step.output = escape_markdown(standalone)
 
-    if client is not None and router is None:
-        # The answer's connection is opened while the question is embedded and searched.
-        state.spawn(client.preconnect())
     try:
         found: Retrieval = await asyncio.to_thread(
             retrieve, state.live, state.embedder, standalone, k=prefs.top_k, mode=prefs.mode,
@@ -1064,6 +1063,10 @@ async def ask(state: AppState, chat: ChatState, question: str) -> None:
         return
     assert first is not None and events is not None  # a stream was started above
     await stream_answer(state, chat, question, stream, _started(first, events))
+    if client is not None and router is None:
+        # A stream may end with its connection (rag serve's do): open the next question's now,
+        # not while that question is embedded (on two cores, that slows the embedding).
+        state.spawn(client.preconnect())
 
 
 async def _started(first: asyncio.Future[ChatEvent], events: AsyncIterator[ChatEvent]) -> AsyncIterator[ChatEvent]:

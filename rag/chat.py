@@ -43,6 +43,10 @@ from rag.errors import (
 )
 
 DEFAULT_CONNECT_TIMEOUT = 5.0
+# How long an idle connection stays in the pool (httpx's default: 5 s, shorter than most pauses
+# between two questions). A server that closed it meanwhile costs nothing: the pool notices
+# the closed socket and opens a new one.
+KEEPALIVE_EXPIRY = 120.0
 DEFAULT_FIRST_TOKEN_TIMEOUT = 120.0
 DEFAULT_IDLE_TIMEOUT = 60.0
 DEFAULT_CONNECT_RETRIES = 2
@@ -378,7 +382,9 @@ class ChatClient:
         self._owns_client = client is None
         # A proxy from HTTP_PROXY would intercept requests meant for this machine.
         local = httpx.URL(self.root).host in _LOOPBACK
-        self._client = client if client is not None else httpx.AsyncClient(trust_env=not local)
+        self._client = client if client is not None else httpx.AsyncClient(
+            trust_env=not local, limits=httpx.Limits(keepalive_expiry=KEEPALIVE_EXPIRY)
+        )
 
     @property
     def chat_url(self) -> str:
@@ -406,8 +412,8 @@ class ChatClient:
     async def preconnect(self) -> None:
         """Open a connection to the endpoint ahead of a request, so that the request finds it
         in the pool and skips the TCP (and TLS) set-up: a ``GET /v1/models``, whose connection
-        the server keeps alive. Meant to run while something else is being done (the chat runs
-        it while it retrieves). Never raises: the request that follows reports what is wrong."""
+        the server keeps alive (``KEEPALIVE_EXPIRY``). The chat runs it when a chat opens and
+        after each answer. Never raises: the request that follows reports what is wrong."""
         try:
             await self._client.get(self.models_url, headers=self._headers(), timeout=self.connect_timeout)
         except Exception:  # noqa: BLE001, S110 - see above

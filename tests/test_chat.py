@@ -703,8 +703,8 @@ def test_local_endpoints_bypass_environment_proxies(base_url: str, trusts_env: b
 
 
 def test_preconnect_opens_the_connection_the_next_request_uses() -> None:
-    """Against a real HTTP/1.1 server on a socket: the answer's request goes over the
-    connection ``preconnect`` opened (one connection accepted, two requests served)."""
+    """Against a real HTTP/1.1 server on a socket: the answer's request, asked after a pause,
+    goes over the connection ``preconnect`` opened (one connection accepted, two requests served)."""
     import threading
     from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
@@ -743,6 +743,7 @@ def test_preconnect_opens_the_connection_the_next_request_uses() -> None:
     async def main() -> str:
         async with ChatClient(f"http://127.0.0.1:{httpd.server_address[1]}/v1") as chat:
             await chat.preconnect()
+            await asyncio.sleep(6)  # a pause before the question, longer than httpx's default 5 s
             text, _ = await chat.complete(QUESTION, model=MODEL)
             return text
 
