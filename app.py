@@ -822,6 +822,12 @@ async def send_settings(chat: ChatState, endpoint: Endpoint | None) -> None:
     chat.models_shown = models
 
 
+def may_send_to(endpoint: Endpoint, policy: str) -> bool:
+    """Whether the chat may send anything at all (a question, a rewrite, a connection check) to
+    ``endpoint`` under the routing ``policy``: under local-only, only to this computer."""
+    return endpoint.local or policy != "local-only"
+
+
 def welcome_text(snapshot: Snapshot | None, endpoint: Endpoint | None, error: BaseException | None,
                  corpus_dir: Path, *, suggest: bool = False) -> str:  # fmt: skip
     """The chat's first message. ``suggest``: list the starter questions in it (the page shows
@@ -871,7 +877,7 @@ async def on_chat_start() -> None:
         except RagError as exc:
             error = exc
         await send_settings(chat, endpoint)
-        if endpoint is not None:
+        if endpoint is not None and may_send_to(endpoint, chat.prefs.policy):
             state.spawn(endpoint.client.preconnect())  # the first question's connection
         # A system message leaves the welcome screen (starters) in place until the first question.
         text = welcome_text(snapshot, endpoint, error, state.settings.corpus_dir, suggest=not had_starters)
@@ -987,7 +993,7 @@ async def ask(state: AppState, chat: ChatState, question: str) -> None:
     model = chat.prefs.model if endpoint is not None and chat.prefs.model in endpoint.models else ""
     if endpoint is not None and not model:
         model = endpoint.model
-    if endpoint is not None and not endpoint.local and chat.prefs.policy == "local-only":
+    if endpoint is not None and not may_send_to(endpoint, chat.prefs.policy):
         # Routing (rag/routing.py): nothing, not even the rewrite request, goes to a remote host.
         client, endpoint_error = None, PolicyError(
             f"{endpoint.base_url} is not on this computer and the policy is local-only: "

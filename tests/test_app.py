@@ -300,6 +300,15 @@ def test_welcome_lists_the_starter_questions_when_the_page_had_none(app: ModuleT
         assert f"<li>{question}</li>" in html
 
 
+def test_nothing_goes_to_a_remote_endpoint_under_local_only(app: ModuleType) -> None:
+    from types import SimpleNamespace
+
+    remote, local = SimpleNamespace(local=False), SimpleNamespace(local=True)
+    assert not app.may_send_to(remote, "local-only")
+    assert app.may_send_to(local, "local-only")
+    assert app.may_send_to(remote, "local-first") and app.may_send_to(remote, "cloud-first")
+
+
 def test_gate_text_shows_the_closest_passages_escaped(app: ModuleType) -> None:
     from rag.pipeline import Retrieval
 
