@@ -528,12 +528,9 @@ class Tab:
 # ============================================================================================
 
 
-def _first(events: list[dict[str, Any]], name: str, after: float = 0.0) -> float | None:
-    return next((e["t"] for e in events if e["ev"] == name and e["t"] >= after), None)
-
-
-def _wall(events: list[dict[str, Any]], name: str) -> float | None:
-    return next((e["wall"] for e in events if e["ev"] == name), None)
+def _first(events: list[dict[str, Any]], name: str, after: float = 0.0, field: str = "t") -> float | None:
+    """``field`` of the first ``name`` event at or after monotonic ``after`` (None: no such event or field)."""
+    return next((e.get(field) for e in events if e["ev"] == name and e["t"] >= after), None)
 
 
 def analyse(browser: dict[str, Any], events: list[dict[str, Any]], calls: list[dict[str, Any]]) -> dict[str, Any] | None:
@@ -565,7 +562,7 @@ def analyse(browser: dict[str, Any], events: list[dict[str, Any]], calls: list[d
     row["retrieve"] = ms(stamps["retrieve:start"], stamps["retrieve:end"])
     if stamps["embed_query:start"] is not None and stamps["embed_query:end"] is not None:
         row["embed_query"] = ms(stamps["embed_query:start"], stamps["embed_query:end"])
-        cpu = next((e.get("cpu") for e in events if e["ev"] == "embed_query:end"), None)
+        cpu = _first(events, "embed_query:end", field="cpu")
         if cpu is not None:  # (a baseline's older trace has no CPU times)
             row["embed_query cpu"] = 1000 * cpu
     if stamps["prompt:start"] is not None and stamps["prompt:end"] is not None:
@@ -580,7 +577,7 @@ def analyse(browser: dict[str, Any], events: list[dict[str, Any]], calls: list[d
     # Split by the wall clock (the browser's timeOrigin and the app's time.time(), same machine):
     # Enter -> the socket message in the app, and the first token's emit -> seen in the page.
     origin = browser.get("origin")
-    recv_wall, emitted_wall = _wall(events, "recv"), _wall(events, "stream_token:end")
+    recv_wall, emitted_wall = _first(events, "recv", field="wall"), _first(events, "stream_token:end", field="wall")
     if origin and recv_wall is not None and emitted_wall is not None:
         row["to_app"] = recv_wall * 1000 - (origin + browser["enter"])
         row["to_page"] = (origin + browser["first"]) - emitted_wall * 1000

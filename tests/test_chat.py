@@ -32,6 +32,7 @@ from rag.errors import (
     EndpointUnreachableError,
     UnknownModelError,
 )
+from tests.apphost import free_port
 
 BASE = "http://127.0.0.1:5273/v1"
 CHAT_URL = "http://127.0.0.1:5273/v1/chat/completions"
@@ -757,14 +758,8 @@ def test_preconnect_opens_the_connection_the_next_request_uses() -> None:
 
 
 def test_preconnect_to_nothing_is_silent_and_the_request_still_reports() -> None:
-    import socket
-
-    with socket.socket() as probe:  # a port nothing listens on
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
-
     async def main() -> None:
-        async with ChatClient(f"http://127.0.0.1:{port}/v1", connect_retries=0) as chat:
+        async with ChatClient(f"http://127.0.0.1:{free_port()}/v1", connect_retries=0) as chat:  # nothing listens
             await chat.preconnect()  # no exception
             with pytest.raises(EndpointUnreachableError):
                 await chat.complete(QUESTION, model=MODEL)
