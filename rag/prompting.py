@@ -142,18 +142,28 @@ def fit_to_budget(
         )
     kept = list(hits)
     turns = list(history)
+    counted: dict[str, int] = {}  # each text is counted once: the system prompt and the turns recur
+
+    def tokens(text: str) -> int:
+        if text not in counted:
+            counted[text] = count(text)
+        return counted[text]
 
     def fits() -> bool:
         messages = build_messages(question, kept, history=turns, system=system)
-        return count_message_tokens(messages, count) <= budget
+        return count_message_tokens(messages, tokens) <= budget
 
-    while len(kept) > 1 and not fits():
+    ok = fits()  # once per change: counting the whole prompt is most of the time this takes
+    while len(kept) > 1 and not ok:
         kept.pop()
-    while turns and not fits():
+        ok = fits()
+    while turns and not ok:
         turns = _drop_oldest_turn(turns)
-    if kept and not fits():
+        ok = fits()
+    if kept and not ok:
         kept.pop()
-    if not fits():
+        ok = fits()
+    if not ok:
         needed = count_message_tokens(build_messages(question, [], system=system), count)
         raise ContextLengthError(
             f"the question is too long for the model's {context_window}-token window: with the "

@@ -16,6 +16,7 @@ import threading
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 
+import faiss
 import numpy as np
 
 from rag.config import RETRIEVAL_MODES
@@ -51,6 +52,24 @@ def reciprocal_rank_fusion(
     return sorted(scores.items(), key=lambda item: (-item[1], order[item[0]]))
 
 
+def search_one(index: faiss.Index, vector: np.ndarray, n: int) -> tuple[np.ndarray, np.ndarray]:
+    """``index.search`` for one query vector, on this thread alone.
+
+    FAISS spreads even a single query over OpenMP threads. When another program holds a core
+    (the browser drawing the question, the model server, indexing), the search waits at
+    OpenMP's barrier for a thread that is not running: 10k flat vectors took 5.9 ms median
+    (p90 21 ms) on two threads against 2.3 ms (p90 6 ms) on one with one core busy, and 1.6
+    against 1.1 ms with none (docs/benchmarks.md). The thread count is OpenMP's per-thread
+    setting: other threads (an index build) keep theirs, and this one gets its own back.
+    """
+    previous = faiss.omp_get_max_threads()
+    faiss.omp_set_num_threads(1)
+    try:
+        return index.search(vector.reshape(1, -1).astype(np.float32), n)
+    finally:
+        faiss.omp_set_num_threads(previous)
+
+
 class Retriever:
     """Searches one snapshot. Cheap to create; a snapshot never changes under it."""
 
@@ -65,7 +84,7 @@ class Retriever:
         n = min(n, index.ntotal)
         if n == 0:
             return []
-        scores, keys = index.search(query_vector.reshape(1, -1).astype(np.float32), n)
+        scores, keys = search_one(index, query_vector, n)
         return [(int(key), float(s)) for key, s in zip(keys[0], scores[0], strict=True) if key != -1]
 
     def search(

@@ -104,6 +104,25 @@ def test_everything_fits() -> None:
     assert messages == build_messages("Why?", hits, history=history)
 
 
+def test_each_text_is_counted_once() -> None:
+    """Counting is most of the time a prompt takes (tiktoken, ~0.7 ms for five passages): a
+    prompt that fits is counted once, and trimming recounts only the message that changed."""
+    counted: list[str] = []
+
+    def counting(text: str) -> int:
+        counted.append(text)
+        return words(text)
+
+    hits = [passage(i, 40) for i in range(5)]
+    history = turn(0)
+    fit_to_budget("Why?", hits, history=history, context_window=10_000, reserve_answer_tokens=500, count=counting)
+    assert len(counted) == 4 == len(set(counted))  # system, two turns, the user message
+    counted.clear()
+    window = tokens("Why?", hits[:3], history) + 100
+    fit_to_budget("Why?", hits, history=history, context_window=window, reserve_answer_tokens=100, count=counting)
+    assert len(counted) == len(set(counted)) == 3 + 3  # the user message with five, four, three passages
+
+
 def test_drops_lowest_ranked_whole_passages_first() -> None:
     hits = [passage(i, 40) for i in range(5)]
     window = tokens("Why?", hits[:3]) + 100  # room for three passages, not four

@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import faiss
+import numpy as np
 import pytest
 
 from rag.config import Settings
 from rag.errors import ConfigError, IndexMissingError
 from rag.index import IndexStore
 from rag.indexing import index_params, sync_index
-from rag.retrieval import LiveIndex, Retriever, reciprocal_rank_fusion
+from rag.retrieval import LiveIndex, Retriever, reciprocal_rank_fusion, search_one
 from tests.fakes import FakeEmbedder
 
 DOCS = {
@@ -91,3 +93,28 @@ def test_live_index_reloads_after_a_new_generation(indexed: tuple[Settings, Fake
 def test_live_index_without_index(settings: Settings) -> None:
     with pytest.raises(IndexMissingError):
         LiveIndex(IndexStore(settings.index_dir)).snapshot()
+
+
+def test_one_query_searches_on_its_own_thread_only() -> None:
+    """A single query runs without OpenMP helpers (they stall when a core is busy); the
+    thread's own setting comes back afterwards."""
+    vectors = np.eye(4, dtype=np.float32)
+    index = faiss.IndexFlatIP(4)
+    index.add(vectors)
+    seen: list[int] = []
+    original = index.search
+
+    def search(x: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+        seen.append(faiss.omp_get_max_threads())
+        return original(x, k)
+
+    index.search = search  # type: ignore[method-assign]
+    mine = faiss.omp_get_max_threads()
+    faiss.omp_set_num_threads(3)
+    try:
+        scores, keys = search_one(index, vectors[2], 2)
+        assert seen == [1]
+        assert faiss.omp_get_max_threads() == 3
+    finally:
+        faiss.omp_set_num_threads(mine)
+    assert keys[0][0] == 2 and scores[0][0] == pytest.approx(1.0)
