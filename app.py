@@ -39,14 +39,16 @@ from pathlib import Path
 from typing import Any
 
 import chainlit as cl
+import chainlit.socket
 import watchfiles
 from chainlit.context import init_ws_context
 from chainlit.input_widget import Select, Slider
 from chainlit.session import WebsocketSession
+from chainlit.user_session import user_sessions
 
 from rag.chat import ChatDelta, ChatDone, ChatEvent, Message
 from rag.config import POLICIES, RETRIEVAL_MODES, Settings, load_settings
-from rag.embedding import Embedder, embedder_for
+from rag.embedding import Embedder, QueriesAhead, embedder_for
 from rag.endpoints import Endpoint, open_endpoint
 from rag.errors import (
     ConfigError,
@@ -457,12 +459,14 @@ def friendly_error(exc: BaseException) -> str:
 
 
 class ProgressEmbedder(Embedder):
-    """The real embedder, counting the passages embedded for indexing (queries not counted)."""
+    """The real embedder, counting the passages embedded for indexing (queries not counted),
+    with the questions embedded ahead as they arrive (``ahead``, see ``embed_ahead``)."""
 
     def __init__(self, inner: Embedder) -> None:
         super().__init__(batch_size=inner.batch_size)
         self.inner = inner
         self.embedded = 0
+        self.ahead = QueriesAhead(inner.embed_query)
 
     @property  # type: ignore[override]
     def model_id(self) -> str:
@@ -483,7 +487,8 @@ class ProgressEmbedder(Embedder):
         return self.inner.embed_batch(texts)
 
     def embed_query(self, text: str) -> Any:
-        return self.inner.embed_query(text)  # the inner embedder's fast path for one query
+        vector = self.ahead.take(text)
+        return vector if vector is not None else self.inner.embed_query(text)  # the inner one's fast path
 
     def embed(self, texts: Sequence[str], *, on_batch: Callable[[int], None] | None = None) -> Any:
         if on_batch is None:
@@ -707,6 +712,48 @@ class ChatState:
     history: list[Message] = field(default_factory=list)
     task: asyncio.Task[Any] | None = None
     models_shown: tuple[str, ...] = ()
+
+
+def embed_ahead(session_id: str, payload: Any) -> None:
+    """Start embedding a question the moment its frame arrives, before Chainlit dispatches it
+    (~6 ms of its own work and events to the page): retrieval then finds the vector done or
+    under way. Only for a chat's first question or one without history: a follow-up is
+    rewritten first, and its retrieval embeds another text."""
+    state = _state
+    if state is None or not state.ready.is_set() or state.startup_error is not None:
+        return
+    chat = user_sessions.get(session_id, {}).get("chat")
+    if not isinstance(chat, ChatState) or chat.history:
+        return
+    message = payload.get("message") if isinstance(payload, dict) else None
+    text = str((message or {}).get("output") or "").strip()
+    if text:
+        state.embedder.ahead.start(text)
+
+
+def _hook_message_arrival() -> None:
+    """Call ``embed_ahead`` from Chainlit's socket handler for a chat message, which looks up
+    ``chainlit.socket.process_message`` as it runs (Chainlit has no hook before on_message;
+    tests/test_app.py checks this one against the pinned version). Without it, questions
+    are embedded when retrieval asks, as before."""
+    original = getattr(chainlit.socket, "process_message", None)
+    if original is None or getattr(original, "embeds_ahead", False):
+        if original is None:
+            log.warning("chainlit.socket.process_message is gone: questions are not embedded ahead")
+        return
+
+    async def process_message(session: Any, payload: Any) -> Any:
+        try:
+            embed_ahead(session.id, payload)
+        except Exception:  # noqa: BLE001 - an optimisation: never in the way of the message
+            log.exception("could not embed the question ahead")
+        return await original(session, payload)
+
+    process_message.embeds_ahead = True  # type: ignore[attr-defined]
+    chainlit.socket.process_message = process_message
+
+
+_hook_message_arrival()
 
 
 def chat_state() -> ChatState:

@@ -21,7 +21,9 @@ import hashlib
 import logging
 import os
 import threading
+from collections import OrderedDict
 from collections.abc import Callable, Iterable, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -76,6 +78,45 @@ class Embedder:
 
     def embed_query(self, text: str) -> np.ndarray:
         return self.embed([text])[0]
+
+
+class QueriesAhead:
+    """Query vectors started before retrieval asks for them.
+
+    A chat question is known as soon as its socket frame arrives; the chat framework then
+    takes a few milliseconds (events to the page, its own bookkeeping) before the handler
+    runs. ``start`` embeds the text meanwhile on a thread of its own; ``take`` hands the vector
+    to the retrieval that asks for exactly that text, waiting for it if it is not done yet.
+    Only the ``keep`` newest are kept: a text that is never asked for (the question was
+    rewritten, the chat closed) is dropped with the oldest.
+    """
+
+    def __init__(self, embed_query: Callable[[str], np.ndarray], *, keep: int = 8) -> None:
+        self._embed_query = embed_query
+        self._keep = keep
+        self._pending: OrderedDict[str, Future[np.ndarray]] = OrderedDict()
+        self._lock = threading.Lock()
+        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="rag-query-ahead")
+
+    def start(self, text: str) -> None:
+        with self._lock:
+            if text in self._pending:
+                return
+            self._pending[text] = self._pool.submit(self._embed_query, text)
+            while len(self._pending) > self._keep:
+                self._pending.popitem(last=False)[1].cancel()
+
+    def take(self, text: str) -> np.ndarray | None:
+        """The vector started for ``text`` (once), or None: none was started, or it failed
+        (the caller embeds it itself and meets the error there)."""
+        with self._lock:
+            pending = self._pending.pop(text, None)
+        if pending is None:
+            return None
+        try:
+            return pending.result()
+        except Exception:  # noqa: BLE001 - the caller's own embedding reports it
+            return None
 
 
 def normalize(vectors: np.ndarray) -> np.ndarray:

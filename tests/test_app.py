@@ -19,10 +19,11 @@ from pathlib import Path
 from types import ModuleType
 from typing import Any
 
+import numpy as np
 import pytest
 from markdown_it import MarkdownIt
 
-from rag.chat import ChatClient
+from rag.chat import ChatClient, Message
 from rag.config import Settings
 from rag.errors import EndpointUnreachableError, IndexMissingError, LoadError, RagError
 from rag.index import IndexStore
@@ -338,6 +339,54 @@ def test_queries_take_the_inner_embedders_own_query_path(app: ModuleType, state:
     progress = app.ProgressEmbedder(QueryAware())
     progress.embed_query("how often?")
     assert asked == ["how often?"] and progress.embedded == 0
+
+
+def test_a_first_question_is_embedded_as_its_frame_arrives(
+    app: ModuleType, state: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import chainlit.socket
+    from chainlit.user_session import user_sessions
+
+    # The hook sits where the pinned Chainlit looks for it: its socket handler for a chat
+    # message calls the module's process_message by name, at call time.
+    assert "process_message" in chainlit.socket.message.__code__.co_names
+    assert getattr(chainlit.socket.process_message, "embeds_ahead", False)
+
+    dispatched: list[tuple[Any, Any]] = []
+
+    async def chainlits_own(session: Any, payload: Any) -> None:
+        dispatched.append((session, payload))
+
+    monkeypatch.setattr(chainlit.socket, "process_message", chainlits_own)
+    app._hook_message_arrival()
+    hooked = chainlit.socket.process_message
+    assert hooked is not chainlits_own
+    monkeypatch.setattr(app, "_state", state)
+    chat = app.ChatState(prefs=app.Preferences.from_settings(state.settings))
+    monkeypatch.setitem(user_sessions, "s-1", {"chat": chat})
+
+    class Session:
+        id = "s-1"
+
+    inner = state.embedder.inner
+
+    session = Session()
+
+    def arrive(text: str) -> dict[str, Any]:
+        payload = {"message": {"output": text, "type": "user_message"}, "fileReferences": []}
+        asyncio.run(hooked(session, payload))
+        return payload
+
+    arrive("  how often?  ")  # the app is not ready yet: nothing started
+    assert state.embedder.ahead.take("how often?") is None and inner.embedded == []
+    state.ready.set()
+    payload = arrive("  how often?  ")
+    assert dispatched[-1][0] is session and dispatched[-1][1] is payload  # Chainlit still gets it
+    vector = state.embedder.embed_query("how often?")  # what retrieval asks for
+    assert inner.embedded == ["how often?"] and np.allclose(vector, FakeEmbedder().embed_query("how often?"))
+    chat.history = [Message("user", "how often?"), Message("assistant", "Weekly.")]
+    arrive("and in winter?")  # a follow-up is rewritten first: not embedded ahead
+    assert state.embedder.ahead.take("and in winter?") is None and len(dispatched) == 3
 
 
 def test_first_build_then_updates_notify_open_chats(app: ModuleType, state: Any, settings: Settings) -> None:

@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import threading
+
 import numpy as np
 import pytest
 
 from pathlib import Path
 
 from rag.config import Settings
-from rag.embedding import SentenceTransformerEmbedder, create_embedder, embedder_for, normalize
+from rag.embedding import QueriesAhead, SentenceTransformerEmbedder, create_embedder, embedder_for, normalize
 from rag.errors import ConfigError
 from tests.fakes import FakeEmbedder
 
@@ -38,6 +40,40 @@ def test_batches_hold_texts_of_like_length_and_rows_keep_input_order() -> None:
     assert sizes == [2, 2, 2]
     np.testing.assert_array_equal(vectors, single.embed(texts))
     assert single.embedded == sorted(texts, key=len, reverse=True)
+
+
+def test_queries_ahead_hand_over_what_was_started_once() -> None:
+    fake = FakeEmbedder()
+    release = threading.Event()
+
+    def slow(text: str) -> np.ndarray:
+        release.wait(5)
+        return fake.embed_query(text)
+
+    ahead = QueriesAhead(slow)
+    ahead.start("how often?")
+    ahead.start("how often?")  # the same text again: still one embedding
+    assert ahead.take("something else") is None  # never started: the caller embeds it
+    threading.Timer(0.05, release.set).start()
+    vector = ahead.take("how often?")  # waits for the one under way
+    assert vector is not None and np.allclose(vector, FakeEmbedder().embed_query("how often?"))
+    assert fake.embedded == ["how often?"]
+    assert ahead.take("how often?") is None  # handed over once
+
+
+def test_queries_ahead_keep_the_newest_and_leave_failures_to_the_caller() -> None:
+    def failing(text: str) -> np.ndarray:
+        if text == "bad":
+            raise RuntimeError("model fell over")
+        return FakeEmbedder().embed_query(text)
+
+    ahead = QueriesAhead(failing, keep=2)
+    ahead.start("bad")
+    assert ahead.take("bad") is None  # the caller's own embedding meets (and reports) the error
+    for text in ("one", "two", "three"):
+        ahead.start(text)
+    assert ahead.take("one") is None  # dropped with the oldest
+    assert ahead.take("two") is not None and ahead.take("three") is not None
 
 
 def test_query_backend_setting_decides_the_query_path(tmp_path: Path) -> None:
