@@ -1072,6 +1072,7 @@ async def ask(state: AppState, chat: ChatState, question: str) -> None:
         )  # fmt: skip
 
     stream: Answer | None = None
+    written = asyncio.Event()  # the answer's request is on the wire
     # --- routing (rag/routing.py): several endpoints, or local-only against a remote one ---
     if router is not None and found.relevant:
         try:
@@ -1087,12 +1088,15 @@ async def ask(state: AppState, chat: ChatState, question: str) -> None:
             client, model, standalone, found.hits, chat.history,
             context_window=endpoint.context_window if endpoint is not None else state.settings.context_window,
             max_answer_tokens=state.settings.max_answer_tokens, temperature=prefs.temperature, count=state.count,
+            on_sent=written.set,
         )  # fmt: skip
     sent = stream.hits if stream is not None else list(found.hits)
-    # The answer's request goes out now; the Retrieval step is drawn while the model reads it.
+    # The answer's request goes out first; the Retrieval step is drawn while the model reads it.
     events = aiter(stream) if stream is not None else None
     first = asyncio.ensure_future(anext(events)) if events is not None else None
     try:
+        if first is not None and router is None:
+            await until_written(first, written)
         await show_retrieval(found, sent, prefs, to_model=stream is not None)
     except BaseException:
         if first is not None:
@@ -1120,6 +1124,19 @@ async def ask(state: AppState, chat: ChatState, question: str) -> None:
         # A stream may end with its connection (rag serve's do): open the next question's now,
         # not while that question is embedded (on two cores, that slows the embedding).
         state.spawn(client.preconnect())
+
+
+async def until_written(first: asyncio.Future[ChatEvent], written: asyncio.Event, *, limit: float = 0.1) -> None:
+    """Wait (at most ``limit`` s) until the answer's request is written, or its first event
+    (an error) came. Drawn at once, the Retrieval step's events and formatting ran before the
+    request task got its turn: ~2 ms more before the model could start reading."""
+    if written.is_set() or first.done():
+        return
+    waiter = asyncio.ensure_future(written.wait())
+    try:
+        await asyncio.wait((first, waiter), timeout=limit, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        waiter.cancel()
 
 
 async def _started(first: asyncio.Future[ChatEvent], events: AsyncIterator[ChatEvent]) -> AsyncIterator[ChatEvent]:

@@ -24,7 +24,7 @@ import codecs
 import contextlib
 import json
 import re
-from collections.abc import AsyncGenerator, AsyncIterator, Iterable, Iterator, Sequence
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Iterable, Iterator, Sequence
 from contextlib import aclosing
 from dataclasses import dataclass
 from types import TracebackType
@@ -354,6 +354,16 @@ def _normalise_base_url(base_url: str) -> str:
 DRAIN_TIMEOUT = 1.0
 
 
+def _call_when_sent(callback: Callable[[], None]) -> Callable[[str, dict[str, Any]], Awaitable[None]]:
+    """An httpcore ``trace`` extension that calls ``callback`` when the request body is written."""
+
+    async def trace(event: str, info: dict[str, Any]) -> None:
+        if event.endswith(".send_request_body.complete"):  # http11. or http2.
+            callback()
+
+    return trace
+
+
 class ChatClient:
     """Talks to ``{root}/v1/chat/completions``; owns its httpx client unless one is given.
 
@@ -506,10 +516,13 @@ class ChatClient:
         model: str,
         temperature: float | None = None,
         max_tokens: int | None = None,
+        on_sent: Callable[[], None] | None = None,
         **extra: Any,
     ) -> AsyncIterator[ChatEvent]:
         """Yield ``ChatDelta``s as they arrive, then exactly one ``ChatDone``.
 
+        ``on_sent`` is called once the request is written to the connection (again if it is
+        retried): the caller may then do other work while the model reads it.
         Closing the generator (``aclose()``, ``break`` inside ``aclosing``, a cancelled task)
         closes the HTTP response, which tells the server to stop generating.
         """
@@ -520,6 +533,8 @@ class ChatClient:
         url = self.chat_url
         headers = {**self._headers(), "Accept": "text/event-stream"}
         request = self._client.build_request("POST", url, json=body, headers=headers)
+        if on_sent is not None:
+            request.extensions["trace"] = _call_when_sent(on_sent)
         loop = asyncio.get_running_loop()
         deadline = loop.time() + self.first_token_timeout
         response = await self._send(request, deadline=deadline, model=model)

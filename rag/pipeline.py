@@ -24,7 +24,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import re
-from collections.abc import AsyncGenerator, AsyncIterator, Sequence
+from collections.abc import AsyncGenerator, AsyncIterator, Callable, Sequence
 from dataclasses import dataclass, field
 
 from rag.chat import ChatClient, ChatDelta, ChatDone, ChatEvent, Message
@@ -247,10 +247,12 @@ def answer(
     temperature: float | None = 0.2,
     count: TokenCounter | None = None,
     system: str = SYSTEM_PROMPT,
+    on_sent: Callable[[], None] | None = None,
 ) -> Answer:
     """Fit the passages and history into the model's window, then start streaming the answer.
 
     Raises ``ContextLengthError`` at once when even the question alone does not fit.
+    ``on_sent``: called when the request has been written (``ChatClient.stream``).
     """
     messages, kept = fit_to_budget(
         question,
@@ -261,7 +263,9 @@ def answer(
         count=count or default_token_counter(),
         system=system,
     )
-    events = client.stream(messages, model=model, temperature=temperature, max_tokens=max_answer_tokens)
+    events = client.stream(
+        messages, model=model, temperature=temperature, max_tokens=max_answer_tokens, on_sent=on_sent
+    )
     return Answer(hits=list(kept), messages=messages, model=model, _events=events)  # type: ignore[arg-type]
 
 

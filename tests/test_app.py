@@ -547,3 +547,24 @@ def test_answer_message_is_drawn_before_its_first_token_which_replaces_the_place
     assert log[3][0] == "update" and log[3][1].startswith("Turn it [1].") and app.READING not in log[3][1]
     assert log[4:] == [("elements", "[1]")]
     assert chat.history[-1].content == "Turn it."  # remembered without the placeholder
+
+
+def test_the_retrieval_step_waits_for_the_answers_request_but_never_long(app: ModuleType) -> None:
+    async def main() -> None:
+        loop = asyncio.get_running_loop()
+        written = asyncio.Event()
+        first: asyncio.Future[Any] = loop.create_future()
+        loop.call_later(0.02, written.set)
+        began = loop.time()
+        await app.until_written(first, written, limit=5)
+        assert 0.015 < loop.time() - began < 1  # until the request was written
+        failed: asyncio.Future[Any] = loop.create_future()
+        loop.call_later(0.02, failed.set_exception, RagError("refused"))
+        await app.until_written(failed, asyncio.Event(), limit=5)  # an error instead: no wait for nothing
+        assert failed.done()
+        failed.exception()
+        began = loop.time()
+        await app.until_written(loop.create_future(), asyncio.Event(), limit=0.05)
+        assert loop.time() - began < 1  # a request that hangs: the step is drawn anyway
+
+    asyncio.run(main())

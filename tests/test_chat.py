@@ -765,3 +765,52 @@ def test_preconnect_to_nothing_is_silent_and_the_request_still_reports() -> None
                 await chat.complete(QUESTION, model=MODEL)
 
     asyncio.run(main())
+
+
+def test_on_sent_is_called_once_the_request_is_written_before_any_answer() -> None:
+    """Against a real socket server that holds its answer: ``on_sent`` comes when the server
+    has the whole request and nothing has been answered yet; the answer then streams as usual."""
+    import threading
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    received = threading.Event()
+    release = threading.Event()
+
+    class Handler(BaseHTTPRequestHandler):
+        protocol_version = "HTTP/1.1"
+
+        def log_message(self, *args: Any) -> None:
+            pass
+
+        def do_POST(self) -> None:  # noqa: N802
+            self.rfile.read(int(self.headers["content-length"]))
+            received.set()
+            release.wait(10)
+            body = chunk("Hi") + chunk(finish="stop") + b"data: [DONE]\n\n"
+            self.send_response(200)
+            self.send_header("content-type", "text/event-stream")
+            self.send_header("content-length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+    httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=httpd.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True).start()
+
+    async def main() -> list[ChatEvent]:
+        written = asyncio.Event()
+        async with ChatClient(f"http://127.0.0.1:{httpd.server_address[1]}/v1") as chat:
+            events = chat.stream(QUESTION, model=MODEL, on_sent=written.set)
+            first = asyncio.ensure_future(anext(events))  # type: ignore[arg-type]
+            await asyncio.wait_for(written.wait(), 10)
+            assert await asyncio.to_thread(received.wait, 10)  # the server has it all ...
+            assert not first.done()  # ... and has answered nothing yet
+            release.set()
+            return [await first] + [event async for event in events]  # type: ignore[attr-defined]
+
+    try:
+        events = asyncio.run(main())
+    finally:
+        release.set()
+        httpd.shutdown()
+        httpd.server_close()
+    assert events[0] == ChatDelta("Hi") and isinstance(events[-1], ChatDone)
