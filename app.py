@@ -1195,11 +1195,13 @@ async def stream_answer(
 ) -> None:
     """Stream ``stream``'s ``events`` (already started: see ``ask``) into a new message.
 
-    The message is drawn (with a placeholder the first token replaces) while the model reads
-    the prompt: in the page, a first token is then a change of text, not a new message to lay
-    out, ~6 ms sooner (docs/benchmarks.md)."""
-    msg = cl.Message(content=READING)
-    await msg.send()
+    The message is drawn while the model reads the prompt, already streaming, with a
+    placeholder the first token replaces: in the page, the first token is then a change of
+    text (Chainlit's ``stream_token``), not a new message to lay out, nor a message turning
+    to streaming (``stream_start``: its copy and feedback buttons unmounted, the cursor
+    mounted), in the same frame (docs/benchmarks.md)."""
+    msg = cl.Message(content="")
+    await msg.stream_token(READING)
     started = False
     problem = ""
     done: ChatDone | None = None

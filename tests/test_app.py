@@ -543,7 +543,9 @@ def test_answer_message_is_drawn_before_its_first_token_which_replaces_the_place
     chat = app.ChatState(prefs=app.Preferences.from_settings(state.settings))
     asyncio.run(app.stream_answer(state, chat, "How often?", stream, aiter(stream)))
     log = RecordedMessage.log
-    assert log[:3] == [("send", app.READING), ("token replaces", "Turn "), ("token", "it [1].")]
+    # The placeholder starts the stream (the page draws a streaming message: no buttons to
+    # take away when the first token comes); the first token replaces it.
+    assert log[:3] == [("token", app.READING), ("token replaces", "Turn "), ("token", "it [1].")]
     assert log[3][0] == "update" and log[3][1].startswith("Turn it [1].") and app.READING not in log[3][1]
     assert log[4:] == [("elements", "[1]")]
     assert chat.history[-1].content == "Turn it."  # remembered without the placeholder

@@ -298,6 +298,7 @@ def test_seeded_question_streams_a_cited_answer_and_citation_opens_the_passage(
     text = reply.inner_text()
     assert "From solar-system-fact-sheet.md" in text
     assert f"Answered by {MODELS[0]}" in text
+    assert "Reading the passages" not in text  # the placeholder the first token replaced
     # The retrieval step lists the passages sent; the model's [7] is not a link.
     assert chat.page.get_by_text("Retrieval").count() >= 1
     assert reply.locator("a", has_text="[7]").count() == 0
