@@ -171,8 +171,9 @@ def install_trace(path: str) -> None:
     stream_token = chainlit.message.MessageBase.stream_token
 
     async def traced_stream_token(self: Any, token: str, is_sequence: bool = False) -> None:
-        # The first token of each message (the answer's message is sent first with a placeholder).
-        first = bool(token) and not getattr(self, "_bench_streamed", False)
+        # The answer's first token: it replaces the placeholder the message was drawn with
+        # (sent or streamed, as the app has done it), the first call with is_sequence=True.
+        first = bool(token) and is_sequence and not getattr(self, "_bench_streamed", False)
         if first:
             self._bench_streamed = True
             trace("stream_token:start")
