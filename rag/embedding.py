@@ -85,7 +85,8 @@ class QueriesAhead:
 
     A chat question is known as soon as its socket frame arrives; the chat framework then
     takes a few milliseconds (events to the page, its own bookkeeping) before the handler
-    runs. ``start`` embeds the text meanwhile on a thread of its own; ``take`` hands the vector
+    runs. ``start`` embeds the text meanwhile on threads of its own (two, so that two chats
+    asking at once are embedded side by side, as their retrievals would be); ``take`` hands the vector
     to the retrieval that asks for exactly that text, waiting for it if it is not done yet.
     Only the ``keep`` newest are kept: a text that is never asked for (the question was
     rewritten, the chat closed) is dropped with the oldest.
@@ -96,7 +97,7 @@ class QueriesAhead:
         self._keep = keep
         self._pending: OrderedDict[str, Future[np.ndarray]] = OrderedDict()
         self._lock = threading.Lock()
-        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="rag-query-ahead")
+        self._pool = ThreadPoolExecutor(max_workers=2, thread_name_prefix="rag-query-ahead")
 
     def start(self, text: str) -> None:
         with self._lock:
