@@ -736,11 +736,13 @@ def _hook_message_arrival() -> None:
     ``chainlit.socket.process_message`` as it runs (Chainlit has no hook before on_message;
     tests/test_app.py checks this one against the pinned version). Without it, questions
     are embedded when retrieval asks, as before."""
-    original = getattr(chainlit.socket, "process_message", None)
-    if original is None or getattr(original, "embeds_ahead", False):
-        if original is None:
-            log.warning("chainlit.socket.process_message is gone: questions are not embedded ahead")
+    current = getattr(chainlit.socket, "process_message", None)
+    if current is None:
+        log.warning("chainlit.socket.process_message is gone: questions are not embedded ahead")
         return
+    # Chainlit's own, once: `chainlit run -w` loads this module again, and the hook must call
+    # the new module's embed_ahead (its state), not wrap the old hook.
+    original = getattr(current, "embeds_ahead_for", current)
 
     async def process_message(session: Any, payload: Any) -> Any:
         try:
@@ -749,7 +751,7 @@ def _hook_message_arrival() -> None:
             log.exception("could not embed the question ahead")
         return await original(session, payload)
 
-    process_message.embeds_ahead = True  # type: ignore[attr-defined]
+    process_message.embeds_ahead_for = original  # type: ignore[attr-defined]
     chainlit.socket.process_message = process_message
 
 

@@ -350,7 +350,11 @@ def test_a_first_question_is_embedded_as_its_frame_arrives(
     # The hook sits where the pinned Chainlit looks for it: its socket handler for a chat
     # message calls the module's process_message by name, at call time.
     assert "process_message" in chainlit.socket.message.__code__.co_names
-    assert getattr(chainlit.socket.process_message, "embeds_ahead", False)
+    hook = chainlit.socket.process_message
+    assert hook.embeds_ahead_for.__module__ == "chainlit.socket"  # wraps Chainlit's own
+    monkeypatch.setattr(chainlit.socket, "process_message", hook)  # put back after the test
+    app._hook_message_arrival()  # loaded again (`chainlit run -w`): Chainlit's own is wrapped once
+    assert chainlit.socket.process_message.embeds_ahead_for is hook.embeds_ahead_for
 
     dispatched: list[tuple[Any, Any]] = []
 
