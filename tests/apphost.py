@@ -1,18 +1,23 @@
 """Processes for the tests that need real servers, shared with the benchmarks (bench/chat_latency.py).
 
-``free_port`` for a server about to start; ``AppProcess``: the Chainlit app as a user runs it,
-``chainlit run app.py --headless``, in a subprocess with its own app root, corpus and data folder.
+``free_port`` for a server about to start; ``http_server`` and ``send_body``: a small HTTP
+server in this process for a test's own handler; ``AppProcess``: the Chainlit app as a user runs
+it, ``chainlit run app.py --headless``, in a subprocess with its own app root, corpus and data folder.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
+from collections.abc import Iterator
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -22,6 +27,29 @@ def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return int(sock.getsockname()[1])
+
+
+@contextlib.contextmanager
+def http_server(handler: type[BaseHTTPRequestHandler]) -> Iterator[str]:
+    """``handler`` served on a free local port by threads of this process; yields the base URL
+    an OpenAI-style client takes (``http://127.0.0.1:PORT/v1``)."""
+    server = ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    server.daemon_threads = True
+    threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True).start()
+    try:
+        yield f"http://127.0.0.1:{server.server_address[1]}/v1"
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+def send_body(handler: BaseHTTPRequestHandler, body: bytes, content_type: str = "application/json") -> None:
+    """A 200 response with ``body`` and its length (keeps an HTTP/1.1 connection usable)."""
+    handler.send_response(200)
+    handler.send_header("content-type", content_type)
+    handler.send_header("content-length", str(len(body)))
+    handler.end_headers()
+    handler.wfile.write(body)
 
 
 class AppProcess:

@@ -32,7 +32,7 @@ from rag.errors import (
     EndpointUnreachableError,
     UnknownModelError,
 )
-from tests.apphost import free_port
+from tests.apphost import free_port, http_server, send_body
 
 BASE = "http://127.0.0.1:5273/v1"
 CHAT_URL = "http://127.0.0.1:5273/v1/chat/completions"
@@ -706,8 +706,7 @@ def test_local_endpoints_bypass_environment_proxies(base_url: str, trusts_env: b
 def test_preconnect_opens_the_connection_the_next_request_uses() -> None:
     """Against a real HTTP/1.1 server on a socket: the answer's request, asked after a pause,
     goes over the connection ``preconnect`` opened (one connection accepted, two requests served)."""
-    import threading
-    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+    from http.server import BaseHTTPRequestHandler
 
     connections: list[int] = []
     paths: list[str] = []
@@ -724,12 +723,7 @@ def test_preconnect_opens_the_connection_the_next_request_uses() -> None:
 
         def _reply(self, body: dict[str, Any]) -> None:
             paths.append(f"{self.command} {self.path}")
-            raw = json.dumps(body).encode()
-            self.send_response(200)
-            self.send_header("content-type", "application/json")
-            self.send_header("content-length", str(len(raw)))
-            self.end_headers()
-            self.wfile.write(raw)
+            send_body(self, json.dumps(body).encode())
 
         def do_GET(self) -> None:  # noqa: N802
             self._reply({"object": "list", "data": [{"id": MODEL, "object": "model"}]})
@@ -738,21 +732,15 @@ def test_preconnect_opens_the_connection_the_next_request_uses() -> None:
             self.rfile.read(int(self.headers["content-length"]))
             self._reply({"choices": [{"index": 0, "message": {"role": "assistant", "content": "Hello."}}]})
 
-    httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-    threading.Thread(target=httpd.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True).start()
-
-    async def main() -> str:
-        async with ChatClient(f"http://127.0.0.1:{httpd.server_address[1]}/v1") as chat:
+    async def main(url: str) -> str:
+        async with ChatClient(url) as chat:
             await chat.preconnect()
             await asyncio.sleep(6)  # a pause before the question, longer than httpx's default 5 s
             text, _ = await chat.complete(QUESTION, model=MODEL)
             return text
 
-    try:
-        assert asyncio.run(main()) == "Hello."
-    finally:
-        httpd.shutdown()
-        httpd.server_close()
+    with http_server(Handler) as url:
+        assert asyncio.run(main(url)) == "Hello."
     assert paths == ["GET /v1/models", "POST /v1/chat/completions"]
     assert len(connections) == 1
 
@@ -771,7 +759,7 @@ def test_on_sent_is_called_once_the_request_is_written_before_any_answer() -> No
     """Against a real socket server that holds its answer: ``on_sent`` comes when the server
     has the whole request and nothing has been answered yet; the answer then streams as usual."""
     import threading
-    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+    from http.server import BaseHTTPRequestHandler
 
     received = threading.Event()
     release = threading.Event()
@@ -786,19 +774,11 @@ def test_on_sent_is_called_once_the_request_is_written_before_any_answer() -> No
             self.rfile.read(int(self.headers["content-length"]))
             received.set()
             release.wait(10)
-            body = chunk("Hi") + chunk(finish="stop") + b"data: [DONE]\n\n"
-            self.send_response(200)
-            self.send_header("content-type", "text/event-stream")
-            self.send_header("content-length", str(len(body)))
-            self.end_headers()
-            self.wfile.write(body)
+            send_body(self, chunk("Hi") + chunk(finish="stop") + b"data: [DONE]\n\n", "text/event-stream")
 
-    httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-    threading.Thread(target=httpd.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True).start()
-
-    async def main() -> list[ChatEvent]:
+    async def main(url: str) -> list[ChatEvent]:
         written = asyncio.Event()
-        async with ChatClient(f"http://127.0.0.1:{httpd.server_address[1]}/v1") as chat:
+        async with ChatClient(url) as chat:
             events = chat.stream(QUESTION, model=MODEL, on_sent=written.set)
             first = asyncio.ensure_future(anext(events))  # type: ignore[arg-type]
             await asyncio.wait_for(written.wait(), 10)
@@ -807,10 +787,9 @@ def test_on_sent_is_called_once_the_request_is_written_before_any_answer() -> No
             release.set()
             return [await first] + [event async for event in events]  # type: ignore[attr-defined]
 
-    try:
-        events = asyncio.run(main())
-    finally:
-        release.set()
-        httpd.shutdown()
-        httpd.server_close()
+    with http_server(Handler) as url:
+        try:
+            events = asyncio.run(main(url))
+        finally:
+            release.set()
     assert events[0] == ChatDelta("Hi") and isinstance(events[-1], ChatDone)

@@ -6,10 +6,9 @@ from __future__ import annotations
 
 import asyncio
 import shutil
-import threading
 import time
 from collections.abc import Iterator
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import BaseHTTPRequestHandler
 from pathlib import Path
 
 import pytest
@@ -19,7 +18,7 @@ from rag.config import Settings
 from rag.modelbuild import is_built
 from rag.routing import EndpointsConfig, EndpointSpec, Router
 from rag.types import Chunk, Hit
-from tests.apphost import free_port
+from tests.apphost import free_port, http_server, send_body
 
 pytestmark = pytest.mark.slow
 
@@ -52,12 +51,7 @@ class Slow(BaseHTTPRequestHandler):
         pass
 
     def do_GET(self) -> None:  # noqa: N802
-        body = b'{"object": "list", "data": [{"id": "slow-model", "object": "model", "context_length": 8192}]}'
-        self.send_response(200)
-        self.send_header("content-type", "application/json")
-        self.send_header("content-length", str(len(body)))
-        self.end_headers()
-        self.wfile.write(body)
+        send_body(self, b'{"object": "list", "data": [{"id": "slow-model", "object": "model", "context_length": 8192}]}')
 
     def do_POST(self) -> None:  # noqa: N802
         self.rfile.read(int(self.headers.get("content-length", 0)))
@@ -66,12 +60,8 @@ class Slow(BaseHTTPRequestHandler):
 
 @pytest.fixture
 def slow_url() -> Iterator[str]:
-    server = ThreadingHTTPServer(("127.0.0.1", 0), Slow)
-    server.daemon_threads = True
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    yield f"http://127.0.0.1:{server.server_address[1]}/v1"
-    server.shutdown()
-    server.server_close()
+    with http_server(Slow) as url:
+        yield url
 
 
 async def ask(
