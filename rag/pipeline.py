@@ -92,6 +92,16 @@ def clean_rewrite(text: str, question: str) -> str:
     return rewrite
 
 
+def needs_rewrite(history: Sequence[Message], question: str) -> bool:
+    """Whether ``question`` is a follow-up worth making standalone: there is a conversation
+    before it, and a question. Checked before any endpoint is asked (or opened).
+
+    >>> needs_rewrite([], "and Mars?"), needs_rewrite([Message("user", "Venus?")], " ")
+    (False, False)
+    """
+    return bool(history) and bool(question.strip())
+
+
 async def rewrite_question(
     client: ChatClient,
     model: str,
@@ -102,7 +112,7 @@ async def rewrite_question(
 ) -> str:
     """A standalone version of a follow-up ``question``; the question itself when there is
     no history or anything goes wrong (endpoint error, timeout, unusable answer)."""
-    if not history or not question.strip():
+    if not needs_rewrite(history, question):
         return question
     try:
         return await request_rewrite(client, model, history, question, timeout=timeout)

@@ -56,7 +56,7 @@ from rag.config import POLICIES, Settings
 import rag.endpoints as endpoints_module
 from rag.endpoints import Endpoint, is_loopback
 from rag.errors import ConfigError, ContextLengthError, EndpointError, PolicyError, RagError
-from rag.pipeline import DEFAULT_REWRITE_TIMEOUT, Answer, request_rewrite
+from rag.pipeline import DEFAULT_REWRITE_TIMEOUT, Answer, needs_rewrite, request_rewrite
 from rag.prompting import SYSTEM_PROMPT, TokenCounter, default_token_counter, fit_to_budget
 from rag.types import Hit
 
@@ -405,7 +405,7 @@ class Router:
         """A follow-up made standalone by the endpoints the policy allows for it, tried in the
         order an answer would try them; the question itself when none succeeds (as
         ``rewrite_question``). Under local-only it never leaves the machine either."""
-        if not history or not question.strip():
+        if not needs_rewrite(history, question):
             return question
         ordered, _ = order_candidates(self.specs, self.policy, question, self.config.by_task)
         for spec in ordered:
