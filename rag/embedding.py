@@ -86,8 +86,9 @@ class QueriesAhead:
     A chat question is known as soon as its socket frame arrives; the chat framework then
     takes a few milliseconds (events to the page, its own bookkeeping) before the handler
     runs. ``start`` embeds the text meanwhile on threads of its own (two, so that two chats
-    asking at once are embedded side by side, as their retrievals would be); ``take`` hands the vector
-    to the retrieval that asks for exactly that text, waiting for it if it is not done yet.
+    asking at once are embedded side by side, as their retrievals would be); ``take`` hands
+    the vector to the retrieval that asks for exactly that text, waiting for it if it is not
+    done yet.
     Only the ``keep`` newest are kept: a text that is never asked for (the question was
     rewritten, the chat closed) is dropped with the oldest.
     """
