@@ -39,12 +39,14 @@ from pathlib import Path
 from typing import Any
 
 import chainlit as cl
+import chainlit.config
 import chainlit.socket
 import watchfiles
 from chainlit.context import init_ws_context
 from chainlit.input_widget import Select, Slider
 from chainlit.session import WebsocketSession
 from chainlit.user_session import user_sessions
+from chainlit.utils import wrap_user_function
 
 from rag.chat import ChatDelta, ChatDone, ChatEvent, Message
 from rag.config import POLICIES, RETRIEVAL_MODES, Settings, load_settings
@@ -960,7 +962,6 @@ async def on_stop() -> None:
         task.cancel()
 
 
-@cl.on_message
 async def on_message(message: cl.Message) -> None:
     state = get_state()
     chat = chat_state()
@@ -980,6 +981,19 @@ async def on_message(message: cl.Message) -> None:
         await say(friendly_error(exc))
     finally:
         chat.task = None
+
+
+def register_on_message(handler: Callable[[cl.Message], Any]) -> None:
+    """Register ``handler`` for chat messages without the "on_message" run step that
+    ``@cl.on_message`` opens around it. That step draws nothing of its own (the page shows its
+    children in place), but costs the page two more socket events per question, one of them
+    before the first token, and nests everything the answer sends below it, so that each
+    token re-renders the run with all its children (docs/benchmarks.md). The Retrieval step and
+    the answer are top-level messages instead, drawn the same."""
+    chainlit.config.config.code.on_message = wrap_user_function(handler)  # as @cl.on_message, less the step
+
+
+register_on_message(on_message)
 
 
 async def add_uploads(state: AppState, files: Sequence[Any]) -> None:

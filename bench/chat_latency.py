@@ -228,6 +228,11 @@ class App(AppProcess):
         if checkout is not None:
             env = {**env, "PYTHONPATH": os.pathsep.join(filter(None, [str(checkout), os.environ.get("PYTHONPATH")]))}
         super().__init__(work, {TRACE_ENV: str(self.trace_path), **env}, seed_corpus=False)
+        if checkout is not None:  # the baseline's own Chainlit configuration, page text and styles
+            for part in (".chainlit", "public"):
+                shutil.rmtree(self.root / part)
+                shutil.copytree(checkout / part, self.root / part)
+            shutil.copy(checkout / "chainlit.md", self.root / "chainlit.md")
 
     def command(self) -> list[str]:
         return [sys.executable, "-m", "bench.chat_latency", "--serve-app", str(self.port)]
@@ -520,8 +525,48 @@ class Tab:
         self.page.wait_for_function(DONE_JS, timeout=timeout_ms, polling=100)
         return dict(self.page.evaluate("() => window.__bench"))
 
+    def new_chat(self) -> None:
+        """Chainlit's "New chat" (the page stays loaded: its code already ran once)."""
+        before = self.page.evaluate("() => document.querySelectorAll('[data-step-type=\"assistant_message\"]').length")
+        self.page.click("#new-chat-button")
+        self.page.click("#new-chat-dialog #confirm")
+        self.page.wait_for_function(
+            "([n]) => document.querySelectorAll('[data-step-type=\"assistant_message\"]').length < n || n === 0",
+            arg=[before])
+        self.welcome()
+
     def close(self) -> None:
         self.context.close()
+
+
+class ReusedTab:
+    """One page for every chat: each chat after the first starts with "New chat"."""
+
+    def __init__(self, make: Callable[[], Tab]) -> None:
+        self._make = make
+        self.tab: Tab | None = None
+
+    def __call__(self) -> "ReusedTab":
+        if self.tab is None:
+            self.tab = self._make()
+        else:
+            self.tab.new_chat()
+        return self
+
+    def welcome(self) -> None:
+        assert self.tab is not None
+        self.tab.welcome()
+
+    def ask(self, question: str) -> dict[str, Any]:
+        assert self.tab is not None
+        return self.tab.ask(question)
+
+    def close(self) -> None:  # the page stays for the next chat
+        pass
+
+    def quit(self) -> None:
+        if self.tab is not None:
+            self.tab.close()
 
 
 # ============================================================================================
@@ -723,6 +768,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--baseline", type=Path, metavar="CHECKOUT",
                         help="another checkout (e.g. `git worktree add /tmp/base <commit>`) whose app runs side by "
                              "side: the same index, endpoint and browser, chats alternating between the two")
+    parser.add_argument("--tabs", choices=("fresh", "one"), default="fresh",
+                        help="fresh: each chat opens the page in a new browser context (cold page code); "
+                             "one: one page, each chat after the first starts with New chat")
     add_json_option(parser, "chat_latency")
     args = parser.parse_args(argv)
 
@@ -761,7 +809,9 @@ def main(argv: list[str] | None = None) -> int:
         results: dict[str, Any] = {}
         with sync_playwright() as playwright:
             browser = playwright.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
-            factory = lambda: Tab(browser, app.url)  # noqa: E731
+            factory: Callable[[], Any] = lambda: Tab(browser, app.url)  # noqa: E731
+            if args.tabs == "one":
+                factory = ReusedTab(factory)
             for each in apps:
                 warm = Tab(browser, each.url)
                 warm.welcome()

@@ -341,6 +341,19 @@ def test_queries_take_the_inner_embedders_own_query_path(app: ModuleType, state:
     assert asked == ["how often?"] and progress.embedded == 0
 
 
+def test_messages_are_answered_without_chainlits_run_step(app: ModuleType) -> None:
+    import chainlit.socket
+    from chainlit.config import config
+
+    # The pinned Chainlit calls config.code.on_message for each chat message...
+    chainlits_own = getattr(chainlit.socket.process_message, "embeds_ahead_for", chainlit.socket.process_message)
+    assert {"code", "on_message"} <= set(chainlits_own.__code__.co_names)
+    # ...and there the app's handler sits directly: @cl.on_message would put a function that
+    # opens the "on_message" step between them.
+    handler = config.code.on_message
+    assert handler is not None and handler.__wrapped__ is app.on_message
+
+
 def test_a_first_question_is_embedded_as_its_frame_arrives(
     app: ModuleType, state: Any, monkeypatch: pytest.MonkeyPatch
 ) -> None:
