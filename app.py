@@ -19,6 +19,9 @@ Trade-offs and decisions:
 - An uploaded file is parsed before it is saved; one that cannot be read never enters
   ``docs_corpus/``, and one saved but not indexed (it failed later) is removed again, so a failed
   upload changes nothing.
+- A chat's first question is embedded before retrieval asks for it: while it is typed
+  (``public/draft.js`` posts it to ``/rag/draft``) and, if that did not happen, as its socket
+  frame arrives (``embed_ahead``). Retrieval takes whichever vector is there for that text.
 - Document text and file names are shown as text: passages are markdown-escaped before they
   reach the page, and Chainlit's ``unsafe_allow_html`` stays off.
 """
@@ -40,6 +43,7 @@ from typing import Any
 
 import chainlit as cl
 import chainlit.config
+import chainlit.server
 import chainlit.socket
 import watchfiles
 from chainlit.context import init_ws_context
@@ -47,6 +51,8 @@ from chainlit.input_widget import Select, Slider
 from chainlit.session import WebsocketSession
 from chainlit.user_session import user_sessions
 from chainlit.utils import wrap_user_function
+from starlette.requests import Request
+from starlette.responses import JSONResponse
 
 from rag.chat import ChatDelta, ChatDone, ChatEvent, Message
 from rag.config import POLICIES, RETRIEVAL_MODES, Settings, load_settings
@@ -758,6 +764,49 @@ def _hook_message_arrival() -> None:
 
 
 _hook_message_arrival()
+
+DRAFT_PATH = "/rag/draft"
+DRAFT_CHARS = 1000  # public/draft.js sends nothing longer either
+
+
+def accept_draft(payload: Any) -> str | None:
+    """Start embedding a chat's first question while it is typed (``public/draft.js`` posts it
+    50 ms after the last keystroke); when Enter is pressed, retrieval takes the vector as from
+    ``embed_ahead``. Returns why it was not started, or None. A draft is only ever a text to
+    embed: nothing is answered, stored or shown, and one never asked for is dropped with the
+    oldest (``QueriesAhead``)."""
+    state = _state
+    if state is None or not state.ready.is_set() or state.startup_error is not None:
+        return "the index is not ready"
+    text = payload.get("text") if isinstance(payload, dict) else None
+    if not isinstance(text, str) or not text.strip():
+        return "no text"
+    if len(text) > DRAFT_CHARS:
+        return f"longer than {DRAFT_CHARS} characters"
+    state.embedder.ahead.start(text.strip())
+    return None
+
+
+async def post_draft(request: Request) -> JSONResponse:
+    try:
+        payload = await request.json()
+    except ValueError:
+        payload = None
+    reason = accept_draft(payload)
+    if reason is None:
+        return JSONResponse({"embedding": True}, status_code=202)
+    return JSONResponse({"embedding": False, "reason": reason})
+
+
+def _add_draft_route() -> None:
+    """``POST /rag/draft`` on Chainlit's server (its own routes are GET-only at that path);
+    replaced, not added twice, when ``chainlit run -w`` loads this module again."""
+    routes = chainlit.server.app.router.routes
+    routes[:] = [r for r in routes if getattr(r, "path", None) != DRAFT_PATH]
+    chainlit.server.app.add_api_route(DRAFT_PATH, post_draft, methods=["POST"], include_in_schema=False)
+
+
+_add_draft_route()
 
 
 def chat_state() -> ChatState:

@@ -517,10 +517,18 @@ class Tab:
     def welcome(self, timeout_ms: float = 300_000) -> None:
         self.page.get_by_text("Ask about your documents", exact=False).first.wait_for(timeout=timeout_ms)
 
-    def ask(self, question: str, *, timeout_ms: float = 120_000) -> dict[str, Any]:
-        """Type ``question``, arm the observers, press Enter, wait for the whole answer."""
-        self.page.fill("#chat-input", question)
+    def ask(self, question: str, *, pause_ms: float = 0, timeout_ms: float = 120_000) -> dict[str, Any]:
+        """Put ``question`` in the box, arm the observers, press Enter, wait for the whole answer.
+        ``pause_ms`` 0: Enter follows at once (a pasted question); else the last character is
+        typed as a key and Enter pressed ``pause_ms`` later (a typist's next key)."""
+        if pause_ms:
+            self.page.fill("#chat-input", question[:-1])
+            self.page.type("#chat-input", question[-1])
+        else:
+            self.page.fill("#chat-input", question)
         self.page.evaluate(ARM_JS, [MARK])
+        if pause_ms:
+            self.page.wait_for_timeout(pause_ms)
         self.page.press("#chat-input", "Enter")
         self.page.wait_for_function(DONE_JS, timeout=timeout_ms, polling=100)
         return dict(self.page.evaluate("() => window.__bench"))
@@ -557,9 +565,9 @@ class ReusedTab:
         assert self.tab is not None
         self.tab.welcome()
 
-    def ask(self, question: str) -> dict[str, Any]:
+    def ask(self, question: str, *, pause_ms: float = 0) -> dict[str, Any]:
         assert self.tab is not None
-        return self.tab.ask(question)
+        return self.tab.ask(question, pause_ms=pause_ms)
 
     def close(self) -> None:  # the page stays for the next chat
         pass
@@ -666,13 +674,14 @@ def start_runtime(work: Path, model_dir: Path) -> tuple[str, Callable[[], None],
 
 
 def run_side_by_side(browser: Any, apps: list[App], endpoint: Endpoint, questions: list[tuple[str, str, str]],
-                     *, log: Callable[[str], None]) -> list[tuple[list[dict], list[dict]]]:  # fmt: skip
+                     *, log: Callable[[str], None], pause_ms: float = 0) -> list[tuple[list[dict], list[dict]]]:  # fmt: skip
     """Each chat on every app in turn (the order alternating), so that both see the same load."""
     results: list[tuple[list[dict], list[dict]]] = [([], []) for _ in apps]
     for i, chat in enumerate(questions):
         order = list(range(len(apps)))[:: 1 if i % 2 == 0 else -1]
         for a in order:
             firsts, follows = run_chats(lambda: Tab(browser, apps[a].url), apps[a], endpoint, [chat], follow_up=True,
+                                        pause_ms=pause_ms,
                                         log=lambda text: log(f"  [{'current' if a == 0 else 'baseline'}] "
                                                              + text.strip().replace("chat 0", f"chat {i}", 1)))  # fmt: skip
             results[a][0].extend(firsts)
@@ -681,7 +690,7 @@ def run_side_by_side(browser: Any, apps: list[App], endpoint: Endpoint, question
 
 
 def run_chats(tab_factory: Callable[[], Tab], app: App, endpoint: Endpoint, questions: list[tuple[str, str, str]],
-              *, follow_up: bool, log: Callable[[str], None]) -> tuple[list[dict], list[dict]]:  # fmt: skip
+              *, follow_up: bool, log: Callable[[str], None], pause_ms: float = 0) -> tuple[list[dict], list[dict]]:  # fmt: skip
     firsts, follows = [], []
     for i, (question, follow, _) in enumerate(questions):
         tab = tab_factory()
@@ -690,7 +699,7 @@ def run_chats(tab_factory: Callable[[], Tab], app: App, endpoint: Endpoint, ques
             time.sleep(0.5)  # let the welcome, settings and starters settle
             for kind, text in (("first", question), ("follow-up", follow))[: 2 if follow_up else 1]:
                 offset, calls = app.trace_offset(), len(endpoint.log)
-                browser = tab.ask(text)
+                browser = tab.ask(text, pause_ms=pause_ms)
                 time.sleep(0.2)
                 row = analyse(browser, app.events(offset), endpoint.entries(calls))
                 if row is None:
@@ -768,6 +777,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--baseline", type=Path, metavar="CHECKOUT",
                         help="another checkout (e.g. `git worktree add /tmp/base <commit>`) whose app runs side by "
                              "side: the same index, endpoint and browser, chats alternating between the two")
+    parser.add_argument("--pause", type=float, default=0, metavar="MS",
+                        help="0: Enter right after the question lands in the box (pasted); else its last "
+                             "character is typed as a key and Enter pressed MS later (typed)")
     parser.add_argument("--tabs", choices=("fresh", "one"), default="fresh",
                         help="fresh: each chat opens the page in a new browser context (cold page code); "
                              "one: one page, each chat after the first starts with New chat")
@@ -821,12 +833,15 @@ def main(argv: list[str] | None = None) -> int:
             log(f"scripted endpoint (TTFT {args.ttft * 1000:.0f} ms): {args.chats} chats")
             load0 = os.getloadavg()[0]
             title = f"Scripted endpoint, TTFT {args.ttft * 1000:.0f} ms, rewrite {args.rewrite_delay * 1000:.0f} ms"
+            title += f", Enter {args.pause:.0f} ms after the last key" if args.pause else ", Enter at once"
+            title += ", one page" if args.tabs == "one" else ""
             if len(apps) == 1:
-                firsts, follows = run_chats(factory, app, endpoint, questions, follow_up=True, log=log)
+                firsts, follows = run_chats(factory, app, endpoint, questions, follow_up=True, log=log,
+                                            pause_ms=args.pause)
                 text = report(title, firsts, follows)
             else:
                 (firsts, follows), (base_firsts, base_follows) = run_side_by_side(browser, apps, endpoint, questions,
-                                                                                  log=log)  # fmt: skip
+                                                                                  log=log, pause_ms=args.pause)  # fmt: skip
                 results["baseline"] = {"checkout": str(args.baseline), "first": base_firsts, "follow_up": base_follows}
                 text = (report(title + ": this checkout", firsts, follows) + "\n\n"
                         + report(title + f": baseline {args.baseline}", base_firsts, base_follows) + "\n\n"
@@ -838,7 +853,7 @@ def main(argv: list[str] | None = None) -> int:
                 run_chats(factory, app, endpoint, QUESTIONS[:1], follow_up=False, log=lambda _: None)  # warm-up
                 load0 = os.getloadavg()[0]
                 real, _ = run_chats(factory, app, endpoint, [QUESTIONS[i % len(QUESTIONS)] for i in range(args.real)],
-                                    follow_up=False, log=log)  # fmt: skip
+                                    follow_up=False, log=log, pause_ms=args.pause)  # fmt: skip
                 results["real"] = {"model": upstream[2], "first": real, "load_avg_1m": [load0, os.getloadavg()[0]]}
                 text += "\n\n" + report(f"`rag serve` ({upstream[2]}), through a timing pass-through", real, [])
             browser.close()

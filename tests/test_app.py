@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import doctest
 import inspect
+import json
 import importlib
 import os
 import re
@@ -404,6 +405,40 @@ def test_a_first_question_is_embedded_as_its_frame_arrives(
     chat.history = [Message("user", "how often?"), Message("assistant", "Weekly.")]
     arrive("and in winter?")  # a follow-up is rewritten first: not embedded ahead
     assert state.embedder.ahead.take("and in winter?") is None and len(dispatched) == 3
+
+
+def test_a_first_question_typed_is_embedded_before_enter(
+    app: ModuleType, state: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """public/draft.js posts the draft; Chainlit's own server routes it to the app (its
+    catch-all page route is GET-only), and retrieval then takes the vector started for it."""
+    import chainlit.server
+    import httpx
+
+    def post(body: str) -> httpx.Response:
+        async def go() -> httpx.Response:
+            transport = httpx.ASGITransport(app=chainlit.server.app)
+            async with httpx.AsyncClient(transport=transport, base_url="http://app") as client:
+                return await client.post(app.DRAFT_PATH, content=body, headers={"content-type": "application/json"})
+
+        return asyncio.run(go())
+
+    monkeypatch.setattr(app, "_state", state)
+    inner = state.embedder.inner
+    refused = post('{"text": "  how often?  "}')
+    assert refused.status_code == 200 and refused.json() == {"embedding": False, "reason": "the index is not ready"}
+    state.ready.set()
+    accepted = post('{"text": "  how often?  "}')
+    assert accepted.status_code == 202 and accepted.json() == {"embedding": True}
+    vector = state.embedder.embed_query("how often?")  # what retrieval asks for once Enter is pressed
+    assert inner.embedded == ["how often?"] and np.allclose(vector, FakeEmbedder().embed_query("how often?"))
+    for body, reason in (("not json", "no text"), ('{"text": "   "}', "no text"), ('["how often?"]', "no text"),
+                         (json.dumps({"text": "x" * (app.DRAFT_CHARS + 1)}), "longer than 1000 characters")):  # fmt: skip
+        answer = post(body)
+        assert answer.status_code == 200 and answer.json() == {"embedding": False, "reason": reason}, body
+    assert inner.embedded == ["how often?"]  # none of those was embedded
+    app._add_draft_route()  # loaded again (`chainlit run -w`): still one route
+    assert [getattr(r, "path", None) for r in chainlit.server.app.router.routes].count(app.DRAFT_PATH) == 1
 
 
 def test_first_build_then_updates_notify_open_chats(app: ModuleType, state: Any, settings: Settings) -> None:
