@@ -622,3 +622,28 @@ def test_the_retrieval_step_waits_for_the_answers_request_but_never_long(app: Mo
         assert loop.time() - began < 1  # a request that hangs: the step is drawn anyway
 
     asyncio.run(main())
+
+
+def test_a_finished_step_drawn_later_is_drawn_once_even_on_an_error(app: ModuleType) -> None:
+    class Step:
+        updates = 0
+
+        async def update(self) -> None:
+            self.updates += 1
+
+    async def main() -> None:
+        step = Step()
+        async with app.DrawnLater(step) as later:  # type: ignore[arg-type]
+            assert step.updates == 0
+            await later.draw()
+            await later.draw()
+        assert step.updates == 1
+        failing = Step()
+        with pytest.raises(RagError):
+            async with app.DrawnLater(failing):  # type: ignore[arg-type]
+                raise RagError("retrieval failed")
+        assert failing.updates == 1  # not left spinning in the page
+        async with app.DrawnLater(None) as nothing:
+            await nothing.draw()  # no rewrite, no step
+
+    asyncio.run(main())
