@@ -54,7 +54,7 @@ from chainlit.utils import utc_now, wrap_user_function
 from starlette.requests import Request
 from starlette.responses import JSONResponse
 
-from rag.chat import ChatDelta, ChatDone, ChatEvent, Message
+from rag.chat import ChatClient, ChatDelta, ChatDone, ChatEvent, Message
 from rag.config import POLICIES, RETRIEVAL_MODES, Settings, load_settings
 from rag.embedding import Embedder, QueriesAhead, embedder_for
 from rag.endpoints import Endpoint, open_endpoint
@@ -712,6 +712,20 @@ def get_state() -> AppState:
 # ============================================================================================
 
 
+@dataclass(frozen=True)
+class RewriteAhead:
+    """A follow-up's rewrite started before ``ask`` runs, and what it was started with."""
+
+    question: str
+    turns: int  # len(history) then
+    client: Any
+    model: str
+    task: asyncio.Future[str]
+
+    def fits(self, question: str, turns: int, client: Any, model: str) -> bool:
+        return (self.question, self.turns, self.model) == (question, turns, model) and self.client is client
+
+
 @dataclass
 class ChatState:
     """One browser chat: its settings, its conversation, its running answer."""
@@ -720,23 +734,54 @@ class ChatState:
     history: list[Message] = field(default_factory=list)
     task: asyncio.Task[Any] | None = None
     models_shown: tuple[str, ...] = ()
+    rewriting: RewriteAhead | None = None  # a follow-up's rewrite, started as it arrived
 
 
 def embed_ahead(session_id: str, payload: Any) -> None:
-    """Start embedding a question the moment its frame arrives, before Chainlit dispatches it
-    (~6 ms of its own work and events to the page): retrieval then finds the vector done or
-    under way. Only for a chat's first question or one without history: a follow-up is
-    rewritten first, and its retrieval embeds another text."""
+    """Start a question's work the moment its frame arrives, before Chainlit dispatches it
+    (~6 ms of its own work and events to the page). A question without history is embedded
+    (retrieval then finds the vector done or under way); a follow-up's rewrite is started
+    instead (``rewrite_ahead``): it is rewritten first, and its retrieval embeds another text."""
     state = _state
     if state is None or not state.ready.is_set() or state.startup_error is not None:
         return
     chat = user_sessions.get(session_id, {}).get("chat")
-    if not isinstance(chat, ChatState) or chat.history:
+    if not isinstance(chat, ChatState):
         return
     message = payload.get("message") if isinstance(payload, dict) else None
     text = str((message or {}).get("output") or "").strip()
-    if text:
+    if not text:
+        return
+    if chat.history:
+        rewrite_ahead(state, chat, text)
+    else:
         state.embedder.ahead.start(text)
+
+
+def rewrite_ahead(state: AppState, chat: ChatState, question: str) -> None:
+    """Send a follow-up's rewrite request now, to the endpoint and model ``ask`` will use;
+    ``ask`` awaits it (``rewrite_follow_up``) instead of sending its own. Only with the one endpoint
+    already open and allowed by the chat's policy: with an endpoints file (the router decides
+    there) or none open yet, ``ask`` rewrites as before."""
+    endpoint = state.endpoint
+    if endpoint is None or not may_send_to(endpoint, chat.prefs.policy) or state.settings.endpoints_file.is_file():
+        return
+    model = chat.prefs.model if chat.prefs.model in endpoint.models else endpoint.model
+    if chat.rewriting is not None:
+        chat.rewriting.task.cancel()
+    task = asyncio.ensure_future(rewrite_question(endpoint.client, model, list(chat.history), question))
+    chat.rewriting = RewriteAhead(question, len(chat.history), endpoint.client, model, task)
+
+
+async def rewrite_follow_up(chat: ChatState, client: ChatClient, model: str, question: str) -> str:
+    """``rewrite_question``, or the rewrite ``rewrite_ahead`` started for this very question,
+    history, endpoint and model."""
+    ahead, chat.rewriting = chat.rewriting, None
+    if ahead is not None:
+        if ahead.fits(question, len(chat.history), client, model):
+            return await ahead.task
+        ahead.task.cancel()
+    return await rewrite_question(client, model, chat.history, question)
 
 
 def _hook_message_arrival() -> None:
@@ -1124,7 +1169,7 @@ async def ask(state: AppState, chat: ChatState, question: str) -> None:
             if router is not None:
                 standalone = await router.rewrite(chat.history, question)
             else:
-                standalone = await rewrite_question(client, model, chat.history, question)  # type: ignore[arg-type]
+                standalone = await rewrite_follow_up(chat, client, model, question)  # type: ignore[arg-type]
         except BaseException as exc:
             rewritten.end, rewritten.output, rewritten.is_error = utc_now(), str(exc), True
             await rewritten.update()

@@ -647,3 +647,51 @@ def test_a_finished_step_drawn_later_is_drawn_once_even_on_an_error(app: ModuleT
             await nothing.draw()  # no rewrite, no step
 
     asyncio.run(main())
+
+
+def test_a_follow_ups_rewrite_is_sent_as_its_frame_arrives(
+    app: ModuleType, state: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from chainlit.user_session import user_sessions
+
+    class Client:
+        def __init__(self) -> None:
+            self.asked: list[tuple[str, str]] = []
+
+        async def complete(self, messages: list[Message], *, model: str, **_: Any) -> tuple[str, Any]:
+            self.asked.append((model, messages[-1].content))
+            await asyncio.sleep(0.01)
+            return "How often in winter?", None
+
+    class Endpoint:
+        def __init__(self, local: bool = True) -> None:
+            self.client, self.models, self.model, self.local = Client(), ["m1", "m2"], "m1", local
+
+    monkeypatch.setattr(app, "_state", state)
+    state.ready.set()
+    chat = app.ChatState(prefs=app.Preferences.from_settings(state.settings))
+    chat.history = [Message("user", "How often?"), Message("assistant", "Weekly.")]
+    monkeypatch.setitem(user_sessions, "s-2", {"chat": chat})
+    follow_up = {"message": {"output": " and in winter? ", "type": "user_message"}}
+
+    async def main() -> None:
+        state.endpoint = endpoint = Endpoint()
+        app.embed_ahead("s-2", follow_up)  # the frame arrives: the request goes out at once
+        await asyncio.sleep(0)
+        assert len(endpoint.client.asked) == 1 and "and in winter?" in endpoint.client.asked[0][1]
+        assert state.embedder.ahead.take("and in winter?") is None  # not embedded: it is rewritten first
+        standalone = await app.rewrite_follow_up(chat, endpoint.client, "m1", "and in winter?")  # what ask does
+        assert standalone == "How often in winter?" and len(endpoint.client.asked) == 1  # that request, not another
+        assert chat.rewriting is None
+        # Started with other settings than ask ends up using (the model was changed): asked again.
+        app.embed_ahead("s-2", follow_up)
+        await asyncio.sleep(0)
+        stale = chat.rewriting
+        assert await app.rewrite_follow_up(chat, endpoint.client, "m2", "and in winter?") == "How often in winter?"
+        assert [model for model, _ in endpoint.client.asked] == ["m1", "m1", "m2"] and stale.task.cancelled()
+        # A remote endpoint under local-only: nothing is sent ahead (ask refuses it too).
+        state.endpoint = remote = Endpoint(local=False)
+        app.embed_ahead("s-2", follow_up)
+        assert chat.rewriting is None and remote.client.asked == []
+
+    asyncio.run(main())
