@@ -4,6 +4,7 @@ time to first token for the same request, with 10k indexed chunks.
     .venv/bin/python -m bench.chat_latency                  # scripted endpoint, ~3 min on 2 cores
     .venv/bin/python -m bench.chat_latency --real 5         # + 5 questions to `rag serve` (smollm2-135m)
     .venv/bin/python -m bench.chat_latency --chats 20 --ttft 0.3 --json
+    .venv/bin/python -m bench.chat_latency --pause 200         # typed: Enter 200 ms after the last key
 
 What runs:
 
@@ -29,6 +30,12 @@ What runs:
   brings the first token in; with the browser's ``timeOrigin`` against the app's wall clock,
   the browser's share splits into the page's own work and the socket
   (``page:enter->send``, ``wire:send->app``, ``wire:app->frame``, ``page:frame->token``).
+
+How the question is sent: by default it is put in the box (``fill``) and Enter pressed at once, so
+nothing can start before Enter; with ``--pause MS`` its last character is typed as a key and Enter
+pressed MS later, as a person does (the page's draft script then has the question embedded before
+Enter). ``--tabs one`` runs every chat in one page ("New chat" between them) instead of a fresh
+browser context each, whose page code has never run.
 
 Overhead = (first token in the page - Enter) - endpoint TTFT, per question; medians reported.
 The first question of each chat has no history, so no rewrite; the follow-up in the same chat is
