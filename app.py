@@ -833,6 +833,10 @@ def accept_draft(payload: Any) -> str | None:
 
 
 async def post_draft(request: Request) -> JSONResponse:
+    # JSON only: another site's page can send a form or plain text here without asking (no CORS
+    # preflight), but not JSON, and config.toml allows no other origin.
+    if request.headers.get("content-type", "").split(";")[0].strip().lower() != "application/json":
+        return JSONResponse({"embedding": False, "reason": "send JSON"}, status_code=415)
     try:
         payload = await request.json()
     except ValueError:

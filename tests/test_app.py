@@ -415,11 +415,11 @@ def test_a_first_question_typed_is_embedded_before_enter(
     import chainlit.server
     import httpx
 
-    def post(body: str) -> httpx.Response:
+    def post(body: str, content_type: str = "application/json") -> httpx.Response:
         async def go() -> httpx.Response:
             transport = httpx.ASGITransport(app=chainlit.server.app)
             async with httpx.AsyncClient(transport=transport, base_url="http://app") as client:
-                return await client.post(app.DRAFT_PATH, content=body, headers={"content-type": "application/json"})
+                return await client.post(app.DRAFT_PATH, content=body, headers={"content-type": content_type})
 
         return asyncio.run(go())
 
@@ -436,6 +436,10 @@ def test_a_first_question_typed_is_embedded_before_enter(
                          (json.dumps({"text": "x" * (app.DRAFT_CHARS + 1)}), "longer than 1000 characters")):  # fmt: skip
         answer = post(body)
         assert answer.status_code == 200 and answer.json() == {"embedding": False, "reason": reason}, body
+    # A plain-text or form post (what another site's page may send without a CORS preflight).
+    for content_type in ("text/plain", "application/x-www-form-urlencoded"):
+        refused = post('{"text": "something else"}', content_type)
+        assert refused.status_code == 415 and refused.json()["embedding"] is False
     assert inner.embedded == ["how often?"]  # none of those was embedded
     app._add_draft_route()  # loaded again (`chainlit run -w`): still one route
     assert [getattr(r, "path", None) for r in chainlit.server.app.router.routes].count(app.DRAFT_PATH) == 1
