@@ -910,7 +910,10 @@ async def set_starters(user: Any = None, language: str | None = None) -> list[cl
     except Exception:
         log.exception("starters failed")
         return []
-    return [cl.Starter(label=label, message=question) for label, question in starter_questions(snapshot)]
+    starters = starter_questions(snapshot)
+    # A starter, clicked, is sent at once: nothing is typed to embed ahead (public/draft.js).
+    state.embedder.ahead.pin([question for _, question in starters])
+    return [cl.Starter(label=label, message=question) for label, question in starters]
 
 
 async def wait_until_indexed(state: AppState) -> Snapshot | None:

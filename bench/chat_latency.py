@@ -466,6 +466,10 @@ ARM_JS = """([mark]) => {
     document.addEventListener('keydown', e => {
       if (e.key === 'Enter' && window.__bench && window.__bench.enter === null) window.__bench.enter = e.timeStamp;
     }, {capture: true});
+    document.addEventListener('click', e => {  // a starter question, clicked, is sent at once
+      const starter = e.target.closest && e.target.closest('#starters button');
+      if (starter && window.__bench && window.__bench.enter === null) window.__bench.enter = e.timeStamp;
+    }, {capture: true});
   }
   const obs = new MutationObserver(() => {
     if (b.first !== null) return;
@@ -540,6 +544,15 @@ class Tab:
         self.page.wait_for_function(DONE_JS, timeout=timeout_ms, polling=100)
         return dict(self.page.evaluate("() => window.__bench"))
 
+    def click_starter(self, index: int, *, timeout_ms: float = 120_000) -> dict[str, Any]:
+        """Click the page's ``index``-th starter question (its time stands for Enter's)."""
+        button = self.page.locator("#starters button").nth(index)
+        button.wait_for()
+        self.page.evaluate(ARM_JS, [MARK])
+        button.click()
+        self.page.wait_for_function(DONE_JS, timeout=timeout_ms, polling=100)
+        return dict(self.page.evaluate("() => window.__bench"))
+
     def new_chat(self) -> None:
         """Chainlit's "New chat" (the page stays loaded: its code already ran once)."""
         before = self.page.evaluate("() => document.querySelectorAll('[data-step-type=\"assistant_message\"]').length")
@@ -575,6 +588,10 @@ class ReusedTab:
     def ask(self, question: str, *, pause_ms: float = 0) -> dict[str, Any]:
         assert self.tab is not None
         return self.tab.ask(question, pause_ms=pause_ms)
+
+    def click_starter(self, index: int) -> dict[str, Any]:
+        assert self.tab is not None
+        return self.tab.click_starter(index)
 
     def close(self) -> None:  # the page stays for the next chat
         pass
@@ -680,15 +697,16 @@ def start_runtime(work: Path, model_dir: Path) -> tuple[str, Callable[[], None],
     return url, stop, str(card["id"]), int(card.get("context_length") or 4096)
 
 
-def run_side_by_side(browser: Any, apps: list[App], endpoint: Endpoint, questions: list[tuple[str, str, str]],
-                     *, log: Callable[[str], None], pause_ms: float = 0) -> list[tuple[list[dict], list[dict]]]:  # fmt: skip
+def run_side_by_side(browser: Any, apps: list[App], endpoint: Endpoint, questions: list[tuple[Any, str, str]],
+                     *, log: Callable[[str], None], pause_ms: float = 0,
+                     follow_up: bool = True) -> list[tuple[list[dict], list[dict]]]:  # fmt: skip
     """Each chat on every app in turn (the order alternating), so that both see the same load."""
     results: list[tuple[list[dict], list[dict]]] = [([], []) for _ in apps]
     for i, chat in enumerate(questions):
         order = list(range(len(apps)))[:: 1 if i % 2 == 0 else -1]
         for a in order:
-            firsts, follows = run_chats(lambda: Tab(browser, apps[a].url), apps[a], endpoint, [chat], follow_up=True,
-                                        pause_ms=pause_ms,
+            firsts, follows = run_chats(lambda: Tab(browser, apps[a].url), apps[a], endpoint, [chat],
+                                        follow_up=follow_up, pause_ms=pause_ms,
                                         log=lambda text: log(f"  [{'current' if a == 0 else 'baseline'}] "
                                                              + text.strip().replace("chat 0", f"chat {i}", 1)))  # fmt: skip
             results[a][0].extend(firsts)
@@ -696,8 +714,10 @@ def run_side_by_side(browser: Any, apps: list[App], endpoint: Endpoint, question
     return results
 
 
-def run_chats(tab_factory: Callable[[], Tab], app: App, endpoint: Endpoint, questions: list[tuple[str, str, str]],
+def run_chats(tab_factory: Callable[[], Tab], app: App, endpoint: Endpoint, questions: list[tuple[Any, str, str]],
               *, follow_up: bool, log: Callable[[str], None], pause_ms: float = 0) -> tuple[list[dict], list[dict]]:  # fmt: skip
+    """Each chat: ``question`` (a text, or the index of a starter question to click), then with
+    ``follow_up`` its follow-up."""
     firsts, follows = [], []
     for i, (question, follow, _) in enumerate(questions):
         tab = tab_factory()
@@ -706,13 +726,13 @@ def run_chats(tab_factory: Callable[[], Tab], app: App, endpoint: Endpoint, ques
             time.sleep(0.5)  # let the welcome, settings and starters settle
             for kind, text in (("first", question), ("follow-up", follow))[: 2 if follow_up else 1]:
                 offset, calls = app.trace_offset(), len(endpoint.log)
-                browser = tab.ask(text, pause_ms=pause_ms)
+                browser = tab.click_starter(text) if isinstance(text, int) else tab.ask(text, pause_ms=pause_ms)
                 time.sleep(0.2)
                 row = analyse(browser, app.events(offset), endpoint.entries(calls))
                 if row is None:
                     log(f"  chat {i} {kind}: no model answer (gated?) -- skipped")
                     continue
-                row["question"] = text
+                row["question"] = f"starter {text}" if isinstance(text, int) else text
                 (firsts if kind == "first" else follows).append(row)
                 log(f"  chat {i} {kind}: page {row['total']:.0f} ms, endpoint {row['endpoint_ttft']:.0f} ms, "
                     f"overhead {row['overhead']:.0f} ms" + (f" (rewrite {row['rewrite_total']:.0f} ms)"
@@ -787,6 +807,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--pause", type=float, default=0, metavar="MS",
                         help="0: Enter right after the question lands in the box (pasted); else its last "
                              "character is typed as a key and Enter pressed MS later (typed)")
+    parser.add_argument("--starters", type=int, default=0, metavar="N",
+                        help="also N chats whose first question is one of the page's starters, clicked")
     parser.add_argument("--tabs", choices=("fresh", "one"), default="fresh",
                         help="fresh: each chat opens the page in a new browser context (cold page code); "
                              "one: one page, each chat after the first starts with New chat")
@@ -854,6 +876,23 @@ def main(argv: list[str] | None = None) -> int:
                         + report(title + f": baseline {args.baseline}", base_firsts, base_follows) + "\n\n"
                         + compare(firsts, follows, base_firsts, base_follows))  # fmt: skip
             results["scripted"] = {"first": firsts, "follow_up": follows, "load_avg_1m": [load0, os.getloadavg()[0]]}
+            if args.starters:
+                log(f"starter questions, clicked: {args.starters} chats")
+                starters = [(i % 4, "", "") for i in range(args.starters)]
+                title = "A starter question clicked (sent at once), scripted endpoint"
+                if len(apps) == 1:
+                    clicked, _ = run_chats(factory, app, endpoint, starters, follow_up=False, log=log)
+                    text += "\n\n" + report(title, clicked, [])
+                else:
+                    (clicked, _), (base_clicked, _) = run_side_by_side(browser, apps, endpoint, starters, log=log,
+                                                                       follow_up=False)  # fmt: skip
+                    results["baseline"]["starters"] = base_clicked
+                    now, then = med(clicked, "overhead"), med(base_clicked, "overhead")
+                    text += ("\n\n" + report(title + ": this checkout", clicked, []) + "\n\n"
+                             + report(title + f": baseline {args.baseline}", base_clicked, [])
+                             + (f"\n\nStarters side by side: **{now:.0f}** vs {then:.0f} ms, ratio {now / then:.2f}"
+                                if now is not None and then is not None else ""))  # fmt: skip
+                results["starters"] = {"first": clicked}
             if upstream is not None:
                 endpoint.upstream = upstream
                 log(f"rag serve ({upstream[2]}): {args.real} chats, first questions only")

@@ -90,29 +90,39 @@ class QueriesAhead:
     the vector to the retrieval that asks for exactly that text, waiting for it if it is not
     done yet.
     Only the ``keep`` newest are kept: a text that is never asked for (the question was
-    rewritten, the chat closed) is dropped with the oldest.
+    rewritten, the chat closed) is dropped with the oldest. Texts known before anyone asks
+    (the starter questions the page offers) are ``pin``-ned instead: embedded once, handed out
+    as often as asked, until another set replaces them.
     """
 
     def __init__(self, embed_query: Callable[[str], np.ndarray], *, keep: int = 8) -> None:
         self._embed_query = embed_query
         self._keep = keep
         self._pending: OrderedDict[str, Future[np.ndarray]] = OrderedDict()
+        self._pinned: dict[str, Future[np.ndarray]] = {}
         self._lock = threading.Lock()
         self._pool = ThreadPoolExecutor(max_workers=2, thread_name_prefix="rag-query-ahead")
 
+    def pin(self, texts: Sequence[str]) -> None:
+        """Keep vectors for exactly ``texts``: the new ones are embedded, the others dropped."""
+        with self._lock:
+            self._pinned = {
+                text: self._pinned.get(text) or self._pool.submit(self._embed_query, text) for text in texts
+            }
+
     def start(self, text: str) -> None:
         with self._lock:
-            if text in self._pending:
+            if text in self._pending or text in self._pinned:
                 return
             self._pending[text] = self._pool.submit(self._embed_query, text)
             while len(self._pending) > self._keep:
                 self._pending.popitem(last=False)[1].cancel()
 
     def take(self, text: str) -> np.ndarray | None:
-        """The vector started for ``text`` (once), or None: none was started, or it failed
-        (the caller embeds it itself and meets the error there)."""
+        """The vector started for ``text`` (once; a pinned one each time), or None: none was
+        started, or it failed (the caller embeds it itself and meets the error there)."""
         with self._lock:
-            pending = self._pending.pop(text, None)
+            pending = self._pending.pop(text, None) or self._pinned.get(text)
         if pending is None:
             return None
         try:

@@ -699,3 +699,21 @@ def test_a_follow_ups_rewrite_is_sent_as_its_frame_arrives(
         assert chat.rewriting is None and remote.client.asked == []
 
     asyncio.run(main())
+
+
+def test_the_starters_offered_are_embedded_before_one_is_clicked(
+    app: ModuleType, state: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(app, "_state", state)
+
+    async def main() -> list[Any]:
+        await state.ensure_index()
+        return await app.set_starters()
+
+    starters = asyncio.run(main())
+    assert [s.message for s in starters] == ["What is “Guide” about?"]
+    inner = state.embedder.inner
+    clicked = state.embedder.embed_query("What is “Guide” about?")  # waits for the one under way, if it is
+    assert inner.embedded.count("What is “Guide” about?") == 1
+    again = state.embedder.embed_query("What is “Guide” about?")  # clicked in another chat
+    assert inner.embedded.count("What is “Guide” about?") == 1 and np.allclose(clicked, again)

@@ -76,6 +76,23 @@ def test_queries_ahead_keep_the_newest_and_leave_failures_to_the_caller() -> Non
     assert ahead.take("two") is not None and ahead.take("three") is not None
 
 
+def test_pinned_queries_are_embedded_once_and_handed_out_each_time() -> None:
+    fake = FakeEmbedder()
+    ahead = QueriesAhead(fake.embed_query, keep=1)
+    ahead.pin(["What is the guide about?", "What does it say under Costs?"])
+    ahead.start("What is the guide about?")  # clicked: already there, not embedded again
+    for text in ("a typed one", "another"):  # the newest typed questions do not push them out
+        ahead.start(text)
+    for _ in range(3):
+        vector = ahead.take("What is the guide about?")
+        assert vector is not None and np.allclose(vector, FakeEmbedder().embed_query("What is the guide about?"))
+    ahead.pin(["What is the guide about?", "A new starter?"])  # the index changed: a new set
+    assert ahead.take("What does it say under Costs?") is None and ahead.take("A new starter?") is not None
+    ahead.take("What is the guide about?")
+    pinned = ("What is the guide about?", "What does it say under Costs?", "A new starter?")
+    assert [fake.embedded.count(text) for text in pinned] == [1, 1, 1]  # each embedded once
+
+
 def test_query_backend_setting_decides_the_query_path(tmp_path: Path) -> None:
     torch_only = embedder_for(Settings(data_dir=tmp_path, query_backend="torch"))
     assert isinstance(torch_only, SentenceTransformerEmbedder)
