@@ -673,9 +673,13 @@ class AppState:
         for router in self.routers.values():
             await router.aclose()
 
+    def routed(self) -> bool:
+        """Whether an endpoints file decides where questions go (``router``)."""
+        return self.settings.endpoints_file.is_file()
+
     async def router(self, policy: str) -> Router | None:
         """The router for ``policy`` when an endpoints file exists; None: the one endpoint."""
-        if not self.settings.endpoints_file.is_file():
+        if not self.routed():
             return None
         if policy not in self.routers:
             self.routers[policy] = await Router.create(self.settings, policy=policy)
@@ -737,13 +741,28 @@ class ChatState:
     rewriting: RewriteAhead | None = None  # a follow-up's rewrite, started as it arrived
 
 
+def _ready_state() -> AppState | None:
+    """The app's state once it started and indexed, for work started outside a chat's handler
+    (a frame arriving, a draft); None before, or when it failed to start."""
+    state = _state
+    if state is None or not state.ready.is_set() or state.startup_error is not None:
+        return None
+    return state
+
+
+def answering_model(prefs: Preferences, endpoint: Endpoint) -> str:
+    """The model a chat's question goes to: its chosen one while ``endpoint`` offers it, else
+    the endpoint's own."""
+    return prefs.model if prefs.model and prefs.model in endpoint.models else endpoint.model
+
+
 def embed_ahead(session_id: str, payload: Any) -> None:
     """Start a question's work the moment its frame arrives, before Chainlit dispatches it
     (~6 ms of its own work and events to the page). A question without history is embedded
     (retrieval then finds the vector done or under way); a follow-up's rewrite is started
     instead (``rewrite_ahead``): it is rewritten first, and its retrieval embeds another text."""
-    state = _state
-    if state is None or not state.ready.is_set() or state.startup_error is not None:
+    state = _ready_state()
+    if state is None:
         return
     chat = user_sessions.get(session_id, {}).get("chat")
     if not isinstance(chat, ChatState):
@@ -764,9 +783,9 @@ def rewrite_ahead(state: AppState, chat: ChatState, question: str) -> None:
     already open and allowed by the chat's policy: with an endpoints file (the router decides
     there) or none open yet, ``ask`` rewrites as before."""
     endpoint = state.endpoint
-    if endpoint is None or not may_send_to(endpoint, chat.prefs.policy) or state.settings.endpoints_file.is_file():
+    if endpoint is None or not may_send_to(endpoint, chat.prefs.policy) or state.routed():
         return
-    model = chat.prefs.model if chat.prefs.model in endpoint.models else endpoint.model
+    model = answering_model(chat.prefs, endpoint)
     if chat.rewriting is not None:
         chat.rewriting.task.cancel()
     task = asyncio.ensure_future(rewrite_question(endpoint.client, model, list(chat.history), question))
@@ -820,8 +839,8 @@ def accept_draft(payload: Any) -> str | None:
     ``embed_ahead``. Returns why it was not started, or None. A draft is only ever a text to
     embed: nothing is answered, stored or shown, and one never asked for is dropped with the
     oldest (``QueriesAhead``)."""
-    state = _state
-    if state is None or not state.ready.is_set() or state.startup_error is not None:
+    state = _ready_state()
+    if state is None:
         return "the index is not ready"
     text = payload.get("text") if isinstance(payload, dict) else None
     if not isinstance(text, str) or not text.strip():
@@ -1154,9 +1173,7 @@ async def ask(state: AppState, chat: ChatState, question: str) -> None:
     client = endpoint.client if endpoint is not None else None
     if endpoint is not None and endpoint.models != list(chat.models_shown):
         await send_settings(chat, endpoint)  # it came back, or with other models
-    model = chat.prefs.model if endpoint is not None and chat.prefs.model in endpoint.models else ""
-    if endpoint is not None and not model:
-        model = endpoint.model
+    model = answering_model(chat.prefs, endpoint) if endpoint is not None else ""
     if endpoint is not None and not may_send_to(endpoint, chat.prefs.policy):
         # Routing (rag/routing.py): nothing, not even the rewrite request, goes to a remote host.
         client, endpoint_error = None, PolicyError(
