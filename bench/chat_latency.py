@@ -234,12 +234,9 @@ class App(AppProcess):
         self.checkout = checkout
         if checkout is not None:
             env = {**env, "PYTHONPATH": os.pathsep.join(filter(None, [str(checkout), os.environ.get("PYTHONPATH")]))}
-        super().__init__(work, {TRACE_ENV: str(self.trace_path), **env}, seed_corpus=False)
-        if checkout is not None:  # the baseline's own Chainlit configuration, page text and styles
-            for part in (".chainlit", "public"):
-                shutil.rmtree(self.root / part)
-                shutil.copytree(checkout / part, self.root / part)
-            shutil.copy(checkout / "chainlit.md", self.root / "chainlit.md")
+        # A baseline runs with its own Chainlit configuration, page text, styles and script.
+        super().__init__(work, {TRACE_ENV: str(self.trace_path), **env}, seed_corpus=False,
+                         checkout=checkout or REPO)  # fmt: skip
 
     def command(self) -> list[str]:
         return [sys.executable, "-m", "bench.chat_latency", "--serve-app", str(self.port)]
@@ -593,12 +590,8 @@ class ReusedTab:
         assert self.tab is not None
         return self.tab.click_starter(index)
 
-    def close(self) -> None:  # the page stays for the next chat
+    def close(self) -> None:  # the page stays for the next chat (closed with the browser)
         pass
-
-    def quit(self) -> None:
-        if self.tab is not None:
-            self.tab.close()
 
 
 # ============================================================================================

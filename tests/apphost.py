@@ -56,8 +56,9 @@ class AppProcess:
     """The app in a subprocess: ``work/approot`` (a copy of ``.chainlit``, ``chainlit.md`` and
     ``public``), ``work/corpus`` (seeded with ``docs_corpus/`` unless ``seed_corpus`` is false),
     ``work/data`` and ``work/app.log``. ``env`` is added to the environment, whose ``RAG_*``
-    variables are dropped first. A subclass may start something else than ``chainlit run app.py``
-    by overriding ``command``."""
+    variables are dropped first. ``checkout``: the repository the app root is copied from (another
+    checkout's, for a benchmark's baseline). A subclass may start something else than
+    ``chainlit run app.py`` by overriding ``command``."""
 
     def __init__(
         self,
@@ -65,6 +66,7 @@ class AppProcess:
         env: dict[str, str],
         *,
         seed_corpus: bool = True,
+        checkout: Path = ROOT,
     ) -> None:
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
@@ -73,9 +75,9 @@ class AppProcess:
         self.data = work / "data"
         self.log_path = work / "app.log"
         if not self.root.exists():
-            shutil.copytree(ROOT / ".chainlit", self.root / ".chainlit")
-            shutil.copy(ROOT / "chainlit.md", self.root / "chainlit.md")
-            shutil.copytree(ROOT / "public", self.root / "public")
+            shutil.copytree(checkout / ".chainlit", self.root / ".chainlit")
+            shutil.copy(checkout / "chainlit.md", self.root / "chainlit.md")
+            shutil.copytree(checkout / "public", self.root / "public")
         if seed_corpus:
             shutil.copytree(ROOT / "docs_corpus", self.corpus)
         self.env = {
