@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass, fields
 from pathlib import Path
@@ -60,6 +61,13 @@ class Settings:
     min_relevance: float = DEFAULT_MIN_RELEVANCE
     # Past this many chunks an approximate (IVF) index answers dense searches.
     ann_threshold: int = 50_000
+    # Where the index lives: "embedded" (FAISS + BM25 files in data_dir) or "milvus" (rag/milvus.py).
+    vector_store: str = "embedded"
+    milvus_uri: str = "http://localhost:19530"
+    milvus_token: Secret = Secret("")
+    milvus_collection: str = "rag"
+    # Embed documents on a Ray cluster ("auto", "ray://host:10001", "local"); empty: in this process.
+    ray_address: str = ""
     # Indexing: commit finished work at least this often, so a killed run loses little.
     checkpoint_seconds: float = 60.0
     # Chat endpoint (empty: discover Foundry Local, else start the embedded runtime).
@@ -122,6 +130,15 @@ class Settings:
             )
         if self.max_file_mb <= 0:
             raise ConfigError(f"RAG_MAX_FILE_MB={self.max_file_mb} must be positive")
+        if self.vector_store not in ("embedded", "milvus"):
+            raise ConfigError(f"RAG_VECTOR_STORE={self.vector_store!r} is not one of embedded, milvus")
+        if self.vector_store == "milvus" and not self.milvus_uri.strip():
+            raise ConfigError("RAG_MILVUS_URI is empty: set it to the Milvus server, e.g. http://localhost:19530")
+        if not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]{0,200}", self.milvus_collection):
+            raise ConfigError(
+                f"RAG_MILVUS_COLLECTION={self.milvus_collection!r} is not a Milvus collection name: "
+                "letters, digits and underscores, not starting with a digit"
+            )
 
     def replace(self, **changes: Any) -> Settings:
         return dataclasses.replace(self, **changes)

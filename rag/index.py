@@ -27,11 +27,12 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import hashlib
 import json
 import os
 import shutil
 import time
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -159,6 +160,34 @@ class Snapshot:
         flat = faiss.downcast_index(self.vectors.index)
         return flat.reconstruct_n(0, flat.ntotal), faiss.vector_to_array(self.vectors.id_map)
 
+    def touch_file(self, record: FileRecord) -> None:
+        """Remember a new stat for a file whose content (and so chunks) did not change."""
+        self.files[record.source] = record
+
+    def vector_lookup(self, text_of: Callable[[Chunk], str]) -> SnapshotVectors:
+        """Vectors this snapshot already holds, found by the text they embed."""
+        return SnapshotVectors(self, text_of)
+
+    # -- searching (the same calls as MilvusSnapshot's) ----------------------------------------
+
+    def dense_search(self, vector: np.ndarray, n: int) -> list[tuple[int, float]]:
+        """The ``n`` nearest chunks by inner product, best first (approximate past the threshold)."""
+        index = self.ann if self.ann is not None else self.vectors
+        assert index is not None
+        n = min(n, index.ntotal)
+        if n == 0:
+            return []
+        scores, keys = search_one(index, vector, n)
+        return [(int(key), float(s)) for key, s in zip(keys[0], scores[0], strict=True) if key != -1]
+
+    def keyword_search(self, query: str, n: int) -> list[tuple[int, float]]:
+        """The ``n`` best chunks by BM25, best first."""
+        return self.keyword.search(query, n)
+
+    def fetch(self, keys: Sequence[int]) -> dict[int, tuple[Chunk, np.ndarray]]:
+        """Each key's chunk and vector."""
+        return {key: (self.chunks[key], self.vector(key)) for key in keys}
+
     def update_ann(self, threshold: int) -> None:
         """Keep an approximate index when the exact one is past ``threshold`` vectors.
 
@@ -181,6 +210,56 @@ class Snapshot:
         quantizer.this.disown()  # the IVF index owns (and frees) it from now on
         ann.own_fields = True
         self.ann, self.ann_trained_on = ann, n
+
+
+class SnapshotVectors:
+    """The vectors a snapshot already holds, by the hash of the text they embed.
+
+    Lets an edited file re-embed only the chunks whose text changed, and two copies of the
+    same document share the embedding work. Asked lazily: a chunk dropped from the working
+    snapshot (its vector gone) is no longer offered.
+    """
+
+    def __init__(self, snapshot: Snapshot, text_of: Callable[[Chunk], str]) -> None:
+        self._snapshot = snapshot
+        self._keys = {text_hash(text_of(chunk)): key for key, chunk in snapshot.chunks.items()}
+
+    def prefetch(self, texts: Iterable[str]) -> None:
+        """Nothing to do: the vectors are in memory."""
+
+    def _key(self, h: bytes) -> int | None:
+        key = self._keys.get(h)
+        return key if key is not None and key in self._snapshot.chunks else None
+
+    def has(self, h: bytes) -> bool:
+        return self._key(h) is not None
+
+    def get(self, h: bytes) -> np.ndarray | None:
+        key = self._key(h)
+        return None if key is None else self._snapshot.vector(key)
+
+
+def text_hash(text: str) -> bytes:
+    """The 16-byte digest a chunk's embedded text is known by (its vector depends on it alone)."""
+    return hashlib.blake2b(text.encode("utf-8"), digest_size=16).digest()
+
+
+def search_one(index: faiss.Index, vector: np.ndarray, n: int) -> tuple[np.ndarray, np.ndarray]:
+    """``index.search`` for one query vector, on this thread alone.
+
+    FAISS spreads even a single query over OpenMP threads. When another program holds a core
+    (the browser drawing the question, the model server, indexing), the search waits at
+    OpenMP's barrier for a thread that is not running: 10k flat vectors took 5.9 ms median
+    (p90 21 ms) on two threads against 2.3 ms (p90 6 ms) on one with one core busy, and 1.6
+    against 1.1 ms with none (docs/benchmarks.md). The thread count is OpenMP's per-thread
+    setting: other threads (an index build) keep theirs, and this one gets its own back.
+    """
+    previous = faiss.omp_get_max_threads()
+    faiss.omp_set_num_threads(1)
+    try:
+        return index.search(vector.reshape(1, -1).astype(np.float32), n)
+    finally:
+        faiss.omp_set_num_threads(previous)
 
 
 def _fsync_dir(path: Path) -> None:
@@ -238,8 +317,18 @@ def _chunk_from_json(line: str) -> tuple[int, Chunk]:
 class IndexStore:
     """Reads and writes generations of the index under one directory."""
 
+    kind = "embedded"
+
     def __init__(self, root: Path) -> None:
         self.root = Path(root)
+
+    @property
+    def location(self) -> str:
+        return str(self.root)
+
+    def begin(self, old: Snapshot | None, params: IndexParams) -> Snapshot:
+        """The working copy an update starts from: ``old`` itself (changed in place), or empty."""
+        return old if old is not None else Snapshot(params=params)
 
     # -- reading -----------------------------------------------------------------------------
 
@@ -260,11 +349,12 @@ class IndexStore:
                 return json.loads((self.root / generation / "manifest.json").read_text(encoding="utf-8"))
         return None
 
-    def load(self, *, expected: IndexParams | None = None) -> Snapshot:
+    def load(self, *, expected: IndexParams | None = None, previous: Snapshot | None = None) -> Snapshot:
         """Load the live generation completely into memory (a consistent snapshot).
 
         Raises ``IndexMissingError`` when there is none and ``IndexMismatchError`` when it was
-        written in another format or (given ``expected``) with other parameters.
+        written in another format or (given ``expected``) with other parameters. ``previous``
+        (a snapshot loaded before) is accepted for the store interface; files are read whole.
         """
         for _ in range(3):
             generation = self.current_generation()

@@ -19,8 +19,9 @@ from __future__ import annotations
 import hashlib
 import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
+from typing import TYPE_CHECKING, Protocol
 
 import numpy as np
 from tqdm import tqdm
@@ -29,9 +30,14 @@ from rag.chunking import embedding_text, split_documents
 from rag.config import Settings
 from rag.embedding import Embedder
 from rag.errors import IndexMismatchError, IndexMissingError, LoadError
-from rag.index import FileRecord, IndexParams, IndexStore, Snapshot
+from rag.index import FileRecord, IndexParams, text_hash
 from rag.loaders import CorpusFile, load_bytes, scan_corpus
+from rag.store import open_store
 from rag.types import Chunk, Document, IndexReport, SkippedFile
+
+if TYPE_CHECKING:
+    from rag.index import Snapshot
+    from rag.milvus import MilvusSnapshot
 
 CHUNKER_VERSION = "structure-v1"
 
@@ -59,6 +65,16 @@ def chunk_documents(documents: list[Document], settings: Settings, embedder: Emb
     )
 
 
+class VectorLookup(Protocol):
+    """What a store's update offers the indexer: vectors it already holds, by text hash."""
+
+    def prefetch(self, texts: Iterable[str]) -> None: ...
+
+    def has(self, h: bytes) -> bool: ...
+
+    def get(self, h: bytes) -> np.ndarray | None: ...
+
+
 @dataclass(frozen=True)
 class _Pending:
     """A file read and chunked, waiting for its vectors."""
@@ -68,10 +84,6 @@ class _Pending:
     chunks: tuple[Chunk, ...]
     texts: tuple[str, ...]
     is_new: bool
-
-
-def _text_hash(text: str) -> bytes:
-    return hashlib.blake2b(text.encode("utf-8"), digest_size=16).digest()
 
 
 def _read(file: CorpusFile) -> bytes:
@@ -87,40 +99,28 @@ def _read(file: CorpusFile) -> bytes:
 
 
 class _VectorCache:
-    """Vectors the old index already holds, found by the hash of their embedded text.
+    """Vectors already at hand for a text: embedded earlier in this run, or held by the store
+    (``lookup``, by the hash of the embedded text)."""
 
-    Lets an edited file re-embed only the chunks whose text changed, and two copies of the
-    same document share the embedding work.
-    """
-
-    def __init__(self, snapshot: Snapshot | None, text_of: Callable[[Chunk], str]) -> None:
-        self._snapshot = snapshot
-        self._keys: dict[bytes, int] = {}
-        if snapshot is not None:
-            for key, chunk in snapshot.chunks.items():
-                self._keys[_text_hash(text_of(chunk))] = key
+    def __init__(self, lookup: VectorLookup) -> None:
+        self._lookup = lookup
         self._fresh: dict[bytes, np.ndarray] = {}
 
-    def _old_key(self, h: bytes) -> int | None:
-        """The old index's key for a text hash, while the work snapshot still holds that chunk."""
-        key = self._keys.get(h)
-        if key is not None and self._snapshot is not None and key in self._snapshot.chunks:
-            return key
-        return None
+    def prefetch(self, texts: Iterable[str]) -> None:
+        self._lookup.prefetch(texts)
 
     def get(self, text: str) -> np.ndarray | None:
-        h = _text_hash(text)
+        h = text_hash(text)
         if h in self._fresh:
             return self._fresh[h]
-        key = self._old_key(h)
-        return self._snapshot.vector(key) if key is not None and self._snapshot is not None else None
+        return self._lookup.get(h)
 
     def has(self, text: str) -> bool:
-        h = _text_hash(text)
-        return h in self._fresh or self._old_key(h) is not None
+        h = text_hash(text)
+        return h in self._fresh or self._lookup.has(h)
 
     def put(self, text: str, vector: np.ndarray) -> None:
-        self._fresh[_text_hash(text)] = vector
+        self._fresh[text_hash(text)] = vector
 
 
 def sync_index(
@@ -136,12 +136,16 @@ def sync_index(
     started = time.monotonic()
     if checkpoint_seconds is None:
         checkpoint_seconds = settings.checkpoint_seconds
-    store = IndexStore(settings.index_dir)
+    store = open_store(settings)
     params = index_params(settings, embedder)
+    if settings.ray_address:
+        from rag.cluster import RayEmbedder
+
+        embedder = RayEmbedder.connect(embedder, settings)
     with store.lock(wait=wait_for_lock):
         store.collect_garbage()
         rebuild_reason: str | None = "full rebuild requested" if full else None
-        old: Snapshot | None = None
+        old: Snapshot | MilvusSnapshot | None = None
         if not full:
             try:
                 old = store.load()
@@ -155,15 +159,14 @@ def sync_index(
                     rebuild_reason = f"the index was built with other settings ({difference})"
                     old = None
 
-        work = Snapshot(params=params)
-        if old is not None:
-            work = old
-        cache = _VectorCache(old, embedding_text)
+        work = store.begin(old, params)
+        cache = _VectorCache(work.vector_lookup(embedding_text))
 
         scan = scan_corpus(settings.corpus_dir, max_bytes=settings.max_file_bytes)
         skipped: list[SkippedFile] = list(scan.skipped)
         present = {f.source for f in scan.files}
         unchanged: list[str] = []
+        touched: list[str] = []
         added: list[str] = []
         updated: list[str] = []
         notes: list[str] = []
@@ -199,10 +202,9 @@ def sync_index(
                 record = work.files.get(file.source)
                 if record is not None and record.sha256 == sha:
                     # Touched, not changed: remember the new stat, keep the chunks.
-                    work.files[file.source] = FileRecord(
-                        file.source, sha, file.size, file.mtime_ns, record.chunk_ids
-                    )
+                    work.touch_file(FileRecord(file.source, sha, file.size, file.mtime_ns, record.chunk_ids))
                     unchanged.append(file.source)
+                    touched.append(file.source)
                     continue
                 documents = load_bytes(file.source, data)
                 chunks = chunk_documents(documents, settings, embedder)
@@ -224,6 +226,7 @@ def sync_index(
                 )
             )
 
+        cache.prefetch(text for item in pending for text in item.texts)
         total_new = _count_uncached(pending, cache)
         embedded = 0
         last_checkpoint = time.monotonic()
@@ -260,11 +263,6 @@ def sync_index(
             work.drop_file(source)
 
         changed = bool(added or updated or removed or rebuild_reason or old is None)
-        touched = any(
-            work.files[s].mtime_ns != (old.files[s].mtime_ns if old and s in old.files else None)
-            for s in unchanged
-            if s in work.files
-        )
         if changed or touched or store.current_generation() is None:
             work.update_ann(settings.ann_threshold)
             store.commit(work, extra=_extra(skipped))
@@ -277,7 +275,7 @@ def sync_index(
         skipped=tuple(sorted(skipped, key=lambda s: s.source)),
         ignored=scan.ignored,
         chunks_embedded=embedded,
-        chunks_total=len(work.chunks),
+        chunks_total=len(work),
         seconds=time.monotonic() - started,
         rebuild_reason=rebuild_reason,
         notes=tuple(notes),
@@ -306,7 +304,7 @@ def _groups(
         group.append(item)
         for text in item.texts:
             if not cache.has(text):
-                missing.setdefault(_text_hash(text), text)
+                missing.setdefault(text_hash(text), text)
         if len(missing) >= size:
             yield group, missing
             group, missing = [], {}
@@ -319,7 +317,7 @@ def _count_uncached(pending: list[_Pending], cache: _VectorCache) -> int:
     count = 0
     for item in pending:
         for text in item.texts:
-            h = _text_hash(text)
+            h = text_hash(text)
             if h not in seen and not cache.has(text):
                 count += 1
             seen.add(h)

@@ -1,4 +1,4 @@
-"""Retrieval: dense (FAISS), keyword (BM25), or both fused, over one index snapshot.
+"""Retrieval: dense, keyword (BM25), or both fused, over one index snapshot (FAISS files or Milvus).
 
 Hybrid is the default: dense search finds paraphrases, BM25 finds rare exact terms (names,
 codes, numbers) that a 384-d sentence embedding blurs. The two ranked lists are fused by
@@ -8,6 +8,10 @@ reciprocal rank (RRF), which needs no score calibration between two very differe
 Every hit also carries ``similarity``, the cosine similarity between the query and the chunk.
 It means the same in every mode, so a relevance threshold (the chat's "nothing relevant was
 found" gate) is set once, whatever the mode.
+
+The fusion runs here, over the two ranked lists the snapshot returns, for both stores: Milvus's
+own ``hybrid_search`` with ``RRFRanker`` would save one round trip but hides each list's ranks
+(shown with every hit) and breaks ties its own way, so the two stores would rank differently.
 """
 
 from __future__ import annotations
@@ -15,15 +19,20 @@ from __future__ import annotations
 import threading
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
+from typing import TYPE_CHECKING
 
-import faiss
 import numpy as np
 
 from rag.config import RETRIEVAL_MODES
 from rag.embedding import Embedder
 from rag.errors import ConfigError, IndexMissingError
-from rag.index import IndexParams, IndexStore, Snapshot
+from rag.index import IndexParams, IndexStore, Snapshot, search_one
 from rag.types import Hit
+
+if TYPE_CHECKING:
+    from rag.milvus import MilvusSnapshot, MilvusStore
+
+__all__ = ["LiveIndex", "Retriever", "reciprocal_rank_fusion", "search_one"]
 
 DEFAULT_RRF_K = 60
 DEFAULT_CANDIDATES = 50
@@ -52,40 +61,18 @@ def reciprocal_rank_fusion(
     return sorted(scores.items(), key=lambda item: (-item[1], order[item[0]]))
 
 
-def search_one(index: faiss.Index, vector: np.ndarray, n: int) -> tuple[np.ndarray, np.ndarray]:
-    """``index.search`` for one query vector, on this thread alone.
-
-    FAISS spreads even a single query over OpenMP threads. When another program holds a core
-    (the browser drawing the question, the model server, indexing), the search waits at
-    OpenMP's barrier for a thread that is not running: 10k flat vectors took 5.9 ms median
-    (p90 21 ms) on two threads against 2.3 ms (p90 6 ms) on one with one core busy, and 1.6
-    against 1.1 ms with none (docs/benchmarks.md). The thread count is OpenMP's per-thread
-    setting: other threads (an index build) keep theirs, and this one gets its own back.
-    """
-    previous = faiss.omp_get_max_threads()
-    faiss.omp_set_num_threads(1)
-    try:
-        return index.search(vector.reshape(1, -1).astype(np.float32), n)
-    finally:
-        faiss.omp_set_num_threads(previous)
-
-
 class Retriever:
     """Searches one snapshot. Cheap to create; a snapshot never changes under it."""
 
-    def __init__(self, snapshot: Snapshot, embedder: Embedder, *, rrf_k: int = DEFAULT_RRF_K) -> None:
+    def __init__(
+        self, snapshot: Snapshot | MilvusSnapshot, embedder: Embedder, *, rrf_k: int = DEFAULT_RRF_K
+    ) -> None:
         self.snapshot = snapshot
         self.embedder = embedder
         self.rrf_k = rrf_k
 
     def dense(self, query_vector: np.ndarray, n: int) -> list[tuple[int, float]]:
-        index = self.snapshot.ann if self.snapshot.ann is not None else self.snapshot.vectors
-        assert index is not None
-        n = min(n, index.ntotal)
-        if n == 0:
-            return []
-        scores, keys = search_one(index, query_vector, n)
-        return [(int(key), float(s)) for key, s in zip(keys[0], scores[0], strict=True) if key != -1]
+        return self.snapshot.dense_search(query_vector, n)
 
     def search(
         self,
@@ -105,7 +92,7 @@ class Retriever:
         if not query.strip() or len(self.snapshot) == 0:
             return []
         depth = max(candidates, k)
-        pending = _keyword_pool.submit(self.snapshot.keyword.search, query, depth) if mode != "dense" else None
+        pending = _keyword_pool.submit(self.snapshot.keyword_search, query, depth) if mode != "dense" else None
         try:
             query_vector = self.embedder.embed_query(query)
             dense = self.dense(query_vector, depth) if mode != "bm25" else []
@@ -122,13 +109,16 @@ class Retriever:
                 [[key for key, _ in dense], [key for key, _ in keyword]], k=self.rrf_k
             )
         hits = []
-        for key, score in ranked[:k]:
-            similarity = float(np.dot(query_vector, self.snapshot.vector(key)))
+        top = ranked[:k]
+        found = self.snapshot.fetch([key for key, _ in top])
+        for key, score in top:
+            chunk, vector = found[key]
+            similarity = float(np.dot(query_vector, vector))
             if min_similarity is not None and similarity < min_similarity:
                 continue
             hits.append(
                 Hit(
-                    chunk=self.snapshot.chunks[key],
+                    chunk=chunk,
                     score=float(score),
                     rank=len(hits) + 1,
                     similarity=similarity,
@@ -142,11 +132,12 @@ class Retriever:
 class LiveIndex:
     """The newest committed snapshot, reloaded when a writer commits a new generation.
 
-    ``snapshot()`` costs one small file read when nothing changed; callers keep the snapshot
-    they got for a whole question, so an update never shows them a half-updated index.
+    ``snapshot()`` costs one small read when nothing changed (a file; with Milvus, one row);
+    callers keep the snapshot they got for a whole question, so an update never shows them a
+    half-updated index. Works with any store (``rag.store.open_store``).
     """
 
-    def __init__(self, store: IndexStore, *, expected: IndexParams | None = None) -> None:
+    def __init__(self, store: IndexStore | MilvusStore, *, expected: IndexParams | None = None) -> None:
         self.store = store
         self.expected = expected
         self._snapshot: Snapshot | None = None
@@ -156,9 +147,9 @@ class LiveIndex:
         generation = self.store.current_generation()
         if generation is None:
             raise IndexMissingError(
-                f"no index in {self.store.root}: run `python -m rag index` (or `make run`) to build it"
+                f"no index in {self.store.location}: run `python -m rag index` (or `make run`) to build it"
             )
         with self._lock:
             if self._snapshot is None or self._snapshot.generation != generation:
-                self._snapshot = self.store.load(expected=self.expected)
+                self._snapshot = self.store.load(expected=self.expected, previous=self._snapshot)
             return self._snapshot
