@@ -25,6 +25,9 @@ DEFAULT_EMBEDDING_MODEL = "all-MiniLM-L6-v2"
 RETRIEVAL_MODES = ("hybrid", "dense", "bm25")
 # Routing between endpoints (rag/routing.py): local-only keeps every request on this machine.
 POLICIES = ("local-only", "local-first", "cloud-first", "by-task")
+# Sign-in (rag/access.py): "none" signs the local user in by itself on a loopback address (and
+# refuses other addresses unless RAG_ALLOW_ANONYMOUS=1); "password" uses the users file.
+AUTH_MODES = ("none", "password")
 # Cosine similarity (all-MiniLM-L6-v2) below which a passage is not relevant: on the sample
 # corpus off-topic questions peak at 0.28, on-topic ones start near 0.49.
 DEFAULT_MIN_RELEVANCE = 0.35
@@ -87,6 +90,11 @@ class Settings:
     # Routing (rag/routing.py): which endpoints may answer, and the file that names them.
     policy: str = "local-only"
     endpoints_file: Path = Path("endpoints.toml")
+    # Sign-in and chat history (rag/access.py, rag/history.py). An empty database URL keeps the
+    # history in SQLite under the data directory; postgresql://… stores it in PostgreSQL.
+    auth: str = "none"
+    database_url: Secret = Secret("")
+    allow_anonymous: bool = False
 
     @property
     def index_dir(self) -> Path:
@@ -130,6 +138,8 @@ class Settings:
             )
         if self.max_file_mb <= 0:
             raise ConfigError(f"RAG_MAX_FILE_MB={self.max_file_mb} must be positive")
+        if self.auth not in AUTH_MODES:
+            raise ConfigError(f"RAG_AUTH={self.auth!r} is not one of {', '.join(AUTH_MODES)}")
         if self.vector_store not in ("embedded", "milvus"):
             raise ConfigError(f"RAG_VECTOR_STORE={self.vector_store!r} is not one of embedded, milvus")
         if self.vector_store == "milvus" and not self.milvus_uri.strip():
@@ -187,9 +197,21 @@ def _convert(name: str, raw: str, kind: Any) -> Any:
             return float(raw)
         if kind in ("Secret", Secret):
             return Secret(raw)
+        if kind in ("bool", bool):
+            return _parse_bool(name, raw)
         return raw
     except ValueError as exc:
         raise ConfigError(f"{env_name(name)}={raw!r} is not a valid {kind}: {exc}") from exc
+
+
+def _parse_bool(name: str, raw: str) -> bool:
+    """``1/true/yes/on`` and ``0/false/no/off`` (any case; empty is false)."""
+    value = raw.strip().lower()
+    if value in ("1", "true", "yes", "on"):
+        return True
+    if value in ("", "0", "false", "no", "off"):
+        return False
+    raise ValueError("use 1 or 0 (true/false, yes/no, on/off)")
 
 
 def load_settings(
