@@ -308,6 +308,38 @@ def cmd_model(args: argparse.Namespace, settings: Settings) -> int:
     return 0
 
 
+@command("users")
+def cmd_users(args: argparse.Namespace, settings: Settings) -> int:
+    import getpass
+
+    from rag.access import user_store
+    from rag.users import read_new_password
+
+    store = user_store(settings)
+    if args.action == "list":
+        users = store.list()
+        for user in users:
+            print(f"{user.name:<24} {user.role:<7} added {user.created}")
+        if not users:
+            print(f"no users in {store.path}: add one with `python -m rag users add NAME --role admin`")
+        return 0
+    if not args.name:
+        print(f"error: `users {args.action}` needs a user name", file=sys.stderr)
+        return 2
+    if args.action == "remove":
+        store.remove(args.name)
+        print(f"Removed {args.name} from {store.path}")
+        return 0
+    password = read_new_password(
+        from_stdin=args.password_stdin, stdin=sys.stdin, prompt=getpass.getpass, interactive=sys.stdin.isatty()
+    )
+    user = store.add(args.name, password, role=args.role, replace=args.replace)
+    print(f"{'Updated' if args.replace else 'Added'} {user.name} ({user.role}) in {store.path}")
+    if settings.auth != "password":
+        print("Sign-in is off: start the app with RAG_AUTH=password to require it.")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m rag", description="Chat with your documents, locally.")
     parser.add_argument("--corpus", type=Path, help="documents folder (RAG_CORPUS_DIR, default docs_corpus)")
@@ -352,6 +384,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("action", choices=("build", "list", "needed"))
     p.add_argument("names", nargs="*", help="smollm2-135m (default), gemma3-270m")
     p.add_argument("--force", action="store_true", help="rebuild even when already built")
+
+    p = sub.add_parser("users", help="who may sign in to the app (RAG_AUTH=password): add, remove, list")
+    p.add_argument("action", choices=("add", "remove", "list"))
+    p.add_argument("name", nargs="?", help="user name (add, remove)")
+    p.add_argument("--role", choices=("admin", "reader"), default="reader",
+                   help="admin: may add documents and change shared settings; reader (default): asks questions")
+    p.add_argument("--password-stdin", action="store_true", help="read the password from the first line of stdin")
+    p.add_argument("--replace", action="store_true", help="add: set a new password and role for an existing user")
 
     p = sub.add_parser("eval", help="evaluate retrieval on a BEIR-format dataset")
     p.add_argument("dataset", help="folder with corpus.jsonl, queries.jsonl, qrels/test.tsv")
