@@ -13,7 +13,7 @@ BUILD_VENV := .venv-build
 BUILD_STAMP := $(BUILD_VENV)/.installed-stamp
 PORT ?= 8000
 
-.PHONY: install build-env llama-env model models run index serve browser test test-fast clean-index
+.PHONY: install build-env llama-env openwebui model models run index serve browser test test-fast clean-index
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -46,6 +46,19 @@ $(LLAMA_STAMP):
 
 llama-env: $(LLAMA_STAMP)
 
+# Open WebUI, driven by the end-to-end test against `rag serve`: its own venv, never the app's
+# (it brings ~240 packages of its own). The CPU torch first and again with it, else pip resolves
+# a CUDA torch with ~18 nvidia packages.
+OPENWEBUI_VENV := .venv-openwebui
+OPENWEBUI_STAMP := $(OPENWEBUI_VENV)/.installed-stamp
+$(OPENWEBUI_STAMP):
+	test -x $(OPENWEBUI_VENV)/bin/python || $(PYTHON) -m venv $(OPENWEBUI_VENV)
+	$(OPENWEBUI_VENV)/bin/pip install --quiet torch==2.13.0
+	$(OPENWEBUI_VENV)/bin/pip install --quiet open-webui==0.12.4 torch==2.13.0
+	touch $(OPENWEBUI_STAMP)
+
+openwebui: $(OPENWEBUI_STAMP)
+
 # The offline default model (SmolLM2-135M-Instruct, int4 ONNX); built once, then reused.
 model: install build-env
 	$(PY) -m rag model build smollm2-135m
@@ -72,7 +85,7 @@ browser:
 	    if [ "$$(id -u)" = 0 ]; then apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium; \
 	    else echo "install chromium first: sudo apt-get install -y chromium" >&2; exit 1; fi; }
 
-test: install model browser llama-env
+test: install model browser llama-env openwebui
 	$(PY) -m pytest
 
 test-fast: install
