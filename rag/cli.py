@@ -382,7 +382,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("model", help="build the offline chat models")
     p.add_argument("action", choices=("build", "list", "needed"))
-    p.add_argument("names", nargs="*", help="smollm2-135m (default), gemma3-270m")
+    p.add_argument(
+        "names", nargs="*", help="qwen2.5-coder-0.5b (default), qwen2.5-coder-1.5b, smollm2-135m, gemma3-270m"
+    )
     p.add_argument("--force", action="store_true", help="rebuild even when already built")
 
     p = sub.add_parser("users", help="who may sign in to the app (RAG_AUTH=password): add, remove, list")

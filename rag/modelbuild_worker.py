@@ -6,7 +6,8 @@ only the standard library at import time and nothing from ``rag``, so it runs by
 (``.venv-build/bin/python rag/modelbuild_worker.py ...``) without installing the project.
 ``rag.modelbuild`` starts it and owns everything around it (temp dirs, manifest, rename).
 
-Steps: locate (or assemble) the GGUF → load it with transformers (which de-quantizes it
+Steps: locate (or assemble) the GGUF, or take the one ``--gguf`` names (a GGUF split over
+several packages is assembled and hash-checked by ``rag.modelbuild`` first) → load it with transformers (which de-quantizes it
 to fp32) → rebuild a plain model from the config without ``quantization_config`` (a
 GGUF-loaded model refuses ``save_pretrained``) → save it with its tokenizer → run the
 onnxruntime-genai builder (int4, CPU), in this process so that its config loading can be
@@ -68,10 +69,16 @@ def locate_gguf(module: str, gguf_file: str | None, work: Path) -> Path:
     return Path(package.assemble(output_path=work / name, overwrite=True))
 
 
-def to_transformers(gguf: Path, hf_dir: Path, chat_template: str | None = None) -> None:
+def to_transformers(
+    gguf: Path, hf_dir: Path, chat_template: str | None = None, *, tie_embeddings: bool = False
+) -> None:
     """GGUF → a plain (unquantized) transformers checkpoint with its tokenizer in ``hf_dir``.
 
     ``chat_template`` names an entry of ``CHAT_TEMPLATES``, used when the GGUF has no template.
+    ``tie_embeddings``: the upstream model ties its input embedding to its LM head, but the
+    GGUF stores two copies quantized differently (Qwen2.5 Q4_K_M: Q5_0 and Q8_0), which
+    transformers reads as untied; tie them again, keeping the more precise LM head, so that
+    the ONNX builder stores one shared int4 matrix instead of an fp32 table plus an int4 head.
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -87,14 +94,22 @@ def to_transformers(gguf: Path, hf_dir: Path, chat_template: str | None = None) 
         eos = config.eos_token_id if isinstance(config.eos_token_id, list) else [config.eos_token_id]
         if isinstance(turn_end_id, int) and turn_end_id not in eos:
             config.eos_token_id = [turn_end_id, *eos]  # stop at the end of the answer
+    state = loaded.state_dict()
+    if tie_embeddings and "lm_head.weight" in state:
+        config.tie_word_embeddings = True
+        state["model.embed_tokens.weight"] = state["lm_head.weight"]
     fresh = type(loaded)(config)
-    fresh.load_state_dict(loaded.state_dict())
+    fresh.load_state_dict(state)
     fresh.save_pretrained(str(hf_dir))
     tokenizer.save_pretrained(str(hf_dir))
 
 
-def to_onnx(hf_name: str, hf_dir: Path, out: Path, cache: Path, precision: str) -> None:
-    """Run the onnxruntime-genai builder in this process, with its config loading patched."""
+def to_onnx(
+    hf_name: str, hf_dir: Path, out: Path, cache: Path, precision: str, extra_options: list[str] | None = None
+) -> None:
+    """Run the onnxruntime-genai builder in this process, with its config loading patched.
+
+    ``extra_options`` are the builder's ``KEY=VALUE`` options (``--extra_options``)."""
     import runpy
 
     from transformers import AutoConfig
@@ -108,6 +123,8 @@ def to_onnx(hf_name: str, hf_dir: Path, out: Path, cache: Path, precision: str) 
 
     AutoConfig.from_pretrained = from_pretrained  # type: ignore[method-assign]
     argv = ["-m", hf_name, "-i", str(hf_dir), "-o", str(out), "-p", precision, "-e", "cpu", "-c", str(cache)]
+    if extra_options:
+        argv += ["--extra_options", *extra_options]
     print("+ onnxruntime_genai.models.builder", " ".join(argv), flush=True)
     saved_argv = sys.argv
     sys.argv = ["builder", *argv]
@@ -138,7 +155,8 @@ def flatten_layer_type_rope(config: object) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--module", required=True, help="Python module that ships the GGUF")
+    parser.add_argument("--module", help="Python module that ships the GGUF")
+    parser.add_argument("--gguf", type=Path, help="a GGUF file already at hand (instead of --module)")
     parser.add_argument("--package", required=True, help="distribution name, for the record")
     parser.add_argument("--gguf-file", help="GGUF file inside the module (else call module.assemble())")
     parser.add_argument("--hf-name", required=True, help="Hugging Face name recorded in the ONNX model")
@@ -146,7 +164,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--work", required=True, type=Path, help="scratch directory")
     parser.add_argument("--precision", default="int4", choices=["int4", "fp32"])
     parser.add_argument("--chat-template", choices=sorted(CHAT_TEMPLATES), help="when the GGUF carries none")
+    parser.add_argument("--tie-embeddings", action="store_true", help="share one matrix for embedding and LM head")
+    parser.add_argument(
+        "--builder-option", action="append", default=[], metavar="KEY=VALUE", help="an onnxruntime-genai builder option"
+    )
     args = parser.parse_args(argv)
+    if (args.module is None) == (args.gguf is None):
+        parser.error("give either --module or --gguf")
 
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
@@ -154,8 +178,14 @@ def main(argv: list[str] | None = None) -> int:
     timings: dict[str, float] = {}
     try:
         start = time.perf_counter()
-        gguf = locate_gguf(args.module, args.gguf_file, args.work)
-        version = importlib.metadata.version(args.package)
+        if args.gguf is not None:
+            gguf, version = args.gguf, None
+            if not gguf.is_file():
+                print(f"no GGUF at {gguf}", file=sys.stderr)
+                return 2
+        else:
+            gguf = locate_gguf(args.module, args.gguf_file, args.work)
+            version = importlib.metadata.version(args.package)
         timings["locate_s"] = time.perf_counter() - start
     except (LookupError, importlib.metadata.PackageNotFoundError) as exc:
         print(f"package {args.package} ({exc}) is not installed in {sys.prefix}", file=sys.stderr)
@@ -163,11 +193,11 @@ def main(argv: list[str] | None = None) -> int:
     try:
         start = time.perf_counter()
         hf_dir = args.work / "hf"
-        to_transformers(gguf, hf_dir, args.chat_template)
+        to_transformers(gguf, hf_dir, args.chat_template, tie_embeddings=args.tie_embeddings)
         gc.collect()  # drop the fp32 copies before the builder loads its own
         timings["transformers_s"] = time.perf_counter() - start
         start = time.perf_counter()
-        to_onnx(args.hf_name, hf_dir, args.out, args.work / "cache", args.precision)
+        to_onnx(args.hf_name, hf_dir, args.out, args.work / "cache", args.precision, args.builder_option)
         timings["onnx_s"] = time.perf_counter() - start
     except ImportError as exc:
         print(f"{exc.name or exc} is not installed in {sys.prefix}", file=sys.stderr)
@@ -181,6 +211,8 @@ def main(argv: list[str] | None = None) -> int:
         "gguf": gguf.name,
         "hf_name": args.hf_name,
         "precision": args.precision,
+        "tie_embeddings": args.tie_embeddings,
+        "builder_options": args.builder_option,
         "timings": {k: round(v, 1) for k, v in timings.items()},
     }
     (args.work / RESULT_FILE).write_text(json.dumps(result), encoding="utf-8")

