@@ -17,6 +17,7 @@ from pathlib import Path
 from rag.config import POLICIES, RETRIEVAL_MODES, Settings, load_settings
 from rag.embedding import Embedder, embedder_for
 from rag.errors import RagError
+from rag.store import open_store
 from rag.types import Hit, IndexReport
 
 Command = Callable[[argparse.Namespace, Settings], int]
@@ -82,12 +83,11 @@ def cmd_index(args: argparse.Namespace, settings: Settings) -> int:
 
 @command("search")
 def cmd_search(args: argparse.Namespace, settings: Settings) -> int:
-    from rag.index import IndexStore
     from rag.indexing import index_params
     from rag.retrieval import Retriever
 
     embedder = make_embedder(settings)
-    snapshot = IndexStore(settings.index_dir).load(expected=index_params(settings, embedder))
+    snapshot = open_store(settings).load(expected=index_params(settings, embedder))
     hits = Retriever(snapshot, embedder).search(
         args.query,
         k=args.k or settings.top_k,
@@ -112,9 +112,7 @@ def _human_size(n: float) -> str:
 
 @command("status")
 def cmd_status(args: argparse.Namespace, settings: Settings) -> int:
-    from rag.index import IndexStore
-
-    store = IndexStore(settings.index_dir)
+    store = open_store(settings)
     manifest = store.read_manifest()
     print(f"Corpus:          {settings.corpus_dir.resolve()}")
     print(f"Data directory:  {settings.data_dir.resolve()}")
@@ -157,12 +155,11 @@ def cmd_eval(args: argparse.Namespace, settings: Settings) -> int:
 def cmd_ask(args: argparse.Namespace, settings: Settings) -> int:
     import asyncio
 
-    from rag.index import IndexStore
     from rag.indexing import index_params
     from rag.pipeline import retrieve
 
     embedder = make_embedder(settings)
-    snapshot = IndexStore(settings.index_dir).load(expected=index_params(settings, embedder))
+    snapshot = open_store(settings).load(expected=index_params(settings, embedder))
     found = retrieve(
         snapshot,
         embedder,
@@ -245,7 +242,7 @@ async def _compare(args: argparse.Namespace, settings: Settings) -> int:
         store = IndexStore(settings.data_dir / "eval" / f"{Path(args.questions).name}-{_dataset_key(Path(args.questions))}")
         snapshot = build_eval_index(corpus, settings, embedder, store)
     else:
-        snapshot = IndexStore(settings.index_dir).load(expected=index_params(settings, embedder))
+        snapshot = open_store(settings).load(expected=index_params(settings, embedder))
     k = args.k or settings.top_k
 
     def find(question: str):  # type: ignore[no-untyped-def]
