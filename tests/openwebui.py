@@ -75,7 +75,11 @@ def _opener() -> urllib.request.OpenerDirector:
 class OpenWebUI:
     """``open-webui serve`` on a free loopback port, with ``work/data`` as its data folder."""
 
-    def __init__(self, work: Path, openai_base_url: str, *, api_key: str = "not-needed") -> None:
+    def __init__(
+        self, work: Path, openai_base_url: str, *, api_key: str = "not-needed", default_params: dict[str, Any] | None = None
+    ) -> None:
+        """``default_params``: sent with every chat request unless the chat sets its own (its
+        ``DEFAULT_MODEL_PARAMS``, as in Admin Settings → Models), e.g. ``{"temperature": 0}``."""
         self.work = work
         self.data = work / "data"
         self.log_path = work / "openwebui.log"
@@ -91,6 +95,8 @@ class OpenWebUI:
             "NO_PROXY": "127.0.0.1,localhost",
             "PYTHONUNBUFFERED": "1",
         }
+        if default_params:
+            self.env["DEFAULT_MODEL_PARAMS"] = json.dumps(default_params)
         self.process: subprocess.Popen[bytes] | None = None
         self.start_seconds = 0.0
         self._token: str | None = None
