@@ -70,11 +70,13 @@ llama-env: $(LLAMA_STAMP)
 # (it brings ~240 packages of its own). The CPU torch first and again with it, else pip resolves
 # a CUDA torch with ~18 nvidia packages.
 OPENWEBUI_VENV := .venv-openwebui
-OPENWEBUI_STAMP := $(OPENWEBUI_VENV)/.installed-stamp
+OPENWEBUI_VERSION := 0.12.4
+# The version in the stamp's name: a new pin installs again.
+OPENWEBUI_STAMP := $(OPENWEBUI_VENV)/.installed-$(OPENWEBUI_VERSION)
 $(OPENWEBUI_STAMP):
 	test -x $(OPENWEBUI_VENV)/bin/python || $(PYTHON) -m venv $(OPENWEBUI_VENV)
 	$(OPENWEBUI_VENV)/bin/pip install --quiet torch==2.13.0
-	$(OPENWEBUI_VENV)/bin/pip install --quiet open-webui==0.12.4 torch==2.13.0
+	$(OPENWEBUI_VENV)/bin/pip install --quiet open-webui==$(OPENWEBUI_VERSION) torch==2.13.0
 	touch $(OPENWEBUI_STAMP)
 
 openwebui: $(OPENWEBUI_STAMP)
