@@ -108,6 +108,11 @@ class OpenWebUI:
                 f"Open WebUI is not installed: {EXECUTABLE} is missing. Run `make openwebui` (it installs "
                 f"open-webui=={VERSION} into {VENV.name} from PyPI)."
             )
+        installed = sorted(d.name for d in VENV.glob("lib/python*/site-packages/open_webui-*.dist-info"))
+        if f"open_webui-{VERSION}.dist-info" not in installed:
+            raise OpenWebUIError(
+                f"{VENV.name} holds {installed or 'no open_webui'}, not open-webui {VERSION}: run `make openwebui`."
+            )
         self.data.mkdir(parents=True, exist_ok=True)
         self.log = open(self.log_path, "ab")  # noqa: SIM115 - closed in stop()
         started = time.monotonic()
