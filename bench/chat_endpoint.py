@@ -8,7 +8,7 @@ Three ways to get the same answer from SmolLM2-135M-Instruct:
 - ``in-process``: ``rag.runtime.FoundryRuntime.stream_chat`` (the SDK's ``ChatSession``) in
   this process, no HTTP: the floor.
 - ``rag serve``: the same runtime and model behind our HTTP server, in its own process
-  (started as the app starts it, ``rag.server.start_background``), read through the app's
+  (started as the app starts it, ``rag.launcher.start_background``), read through the app's
   own client, ``rag.chat.ChatClient`` (SSE parsing included).
 - ``llama.cpp``: ``llama-cpp-python[server]`` (``.venv-llama``, ``make llama-env``) serving the
   GGUF our ONNX model was converted from, through the same client. Skipped, with a note,
@@ -52,7 +52,8 @@ from rag.chat import ChatClient, ChatDelta, ChatDone, Message
 from rag.config import Settings
 from rag.modelbuild import DEFAULT_MODEL, is_built
 from rag.runtime import ChatStream, FoundryRuntime
-from rag.server import make_server, start_background, stop_process
+from rag.launcher import start_background, stop_process
+from rag.server import make_server
 from tests.apphost import free_port
 
 GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"

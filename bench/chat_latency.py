@@ -678,7 +678,7 @@ def fmt(value: float | None) -> str:
 def start_runtime(work: Path, model_dir: Path) -> tuple[str, Callable[[], None], str, int]:
     """``rag serve`` for ``model_dir`` in a subprocess: (url, stop, model id, context length)."""
     from rag.config import load_settings
-    from rag.server import start_background
+    from rag.launcher import start_background
 
     settings = load_settings(environ={}, dotenv=None, data_dir=work / "serve")
     url, stop = start_background(settings, model_dirs=[model_dir], timeout=300)

@@ -3,12 +3,13 @@
 Written for Microsoft Foundry Local, whose streams have shipped quirks (a last chunk with
 empty ``choices``, no ``finish_reason``, non-standard fields), and which lists only *loaded*
 models under ids like ``Phi-4-mini-instruct-generic-cpu:5`` for the alias ``phi-4-mini``.
+The wire format itself (events, chunks, errors, model ids) is ``rag.protocol``; this module
+owns the HTTP side: connections, clocks, retries.
 
 Trade-offs:
 
-- The server-sent events are parsed here, not by a library: the parser splits lines only on
-  CR, LF and CRLF as the SSE spec says (``str.splitlines`` would also split on U+2028 and
-  friends, which a model may well emit inside a JSON string).
+- The server-sent events are parsed by our own ``rag.protocol`` (a few dozen lines), not by a
+  library, so that the quirks above are handled in one place we test.
 - Three clocks instead of one read timeout: ``connect_timeout`` (httpx), ``first_token_timeout``
   from sending the request to the first delta (a model may load first), and ``idle_timeout``
   between deltas. Keep-alive comments do not reset the clocks: a server that only pings is stuck.
@@ -23,10 +24,8 @@ import asyncio
 import codecs
 import contextlib
 import json
-import re
-from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Iterable, Iterator, Sequence
+from collections.abc import AsyncGenerator, AsyncIterator, Iterator, Sequence
 from contextlib import aclosing
-from dataclasses import dataclass
 from types import TracebackType
 from typing import Any, cast
 
@@ -41,6 +40,19 @@ from rag.errors import (
     EndpointUnreachableError,
     UnknownModelError,
 )
+from rag.protocol import (
+    EventBuilder,
+    LineSplitter,
+    StreamState,
+    as_object,
+    decode_payload,
+    error_message,
+    is_context_length_message,
+    parse_completion,
+    pick_model,
+    request_body,
+)
+from rag.types import ChatDelta, ChatDone, ChatEvent, Message
 
 DEFAULT_CONNECT_TIMEOUT = 5.0
 # How long an idle connection stays in the pool (httpx's default: 5 s, shorter than most pauses
@@ -51,8 +63,6 @@ DEFAULT_FIRST_TOKEN_TIMEOUT = 120.0
 DEFAULT_IDLE_TIMEOUT = 60.0
 DEFAULT_CONNECT_RETRIES = 2
 DEFAULT_RETRY_BACKOFF = 0.5
-DONE = "[DONE]"
-
 START_HINT = (
     "Start Foundry Local (`foundry model run phi-4-mini`, then set RAG_BASE_URL to the URL "
     "`foundry service status` prints) or leave RAG_BASE_URL empty to use the embedded runtime "
@@ -62,280 +72,19 @@ NO_MODELS_HINT = (
     "the endpoint lists no loaded models (Foundry Local lists loaded models only: "
     "run `foundry model run <alias>` first)"
 )
-_CONTEXT_LENGTH = re.compile(r"context length|context window|maximum context|too long|exceeds", re.I)
-# Words after the alias in a Foundry Local id that only name a build of the same model.
-_VARIANT_WORDS = frozenset(
-    "instruct it chat generic cpu gpu cuda npu qnn openvino vitis dml directml webgpu trt rtx "
-    "trtrtx onnx int4 int8 fp16 fp32 bf16 q4 q8 awq gptq rtn block acc level".split()
-)
-_LOOPBACK = frozenset({"localhost", "127.0.0.1", "::1"})
+_LOOPBACK_HOSTS = frozenset({"localhost", "127.0.0.1", "::1"})
 # Retried before a response: the server never saw the request, or dropped it unanswered.
 _RETRYABLE = (httpx.ConnectError, httpx.ConnectTimeout, httpx.RemoteProtocolError)
 
 
-@dataclass(frozen=True)
-class Message:
-    role: str
-    content: str
+def is_loopback(url: str) -> bool:
+    """Whether ``url`` (or a bare ``host[:port]``) is on this machine.
 
-
-@dataclass(frozen=True)
-class ChatDelta:
-    """A piece of the answer's text, in order."""
-
-    text: str
-
-
-@dataclass(frozen=True)
-class ChatDone:
-    """The end of an answer: the last item of every stream.
-
-    ``finish_reason`` is ``None`` when the server never said (a Foundry Local quirk).
+    >>> is_loopback("http://127.0.0.1:5273/v1"), is_loopback("https://api.example.com/v1"), is_loopback("[::1]:80")
+    (True, False, True)
     """
-
-    finish_reason: str | None
-    usage: dict[str, int] | None
-    model: str | None
-
-
-ChatEvent = ChatDelta | ChatDone
-
-
-# --- Server-sent events: pure parsing -------------------------------------------------------
-
-
-class _LineSplitter:
-    """Incremental SSE line splitting: CRLF, LF or CR end a line, nothing else does."""
-
-    def __init__(self) -> None:
-        self._buffer = ""
-
-    def feed(self, text: str) -> list[str]:
-        self._buffer += text
-        # A trailing CR may be the first half of a CRLF: wait for the next chunk.
-        cut = len(self._buffer) - 1 if self._buffer.endswith("\r") else len(self._buffer)
-        head, self._buffer = self._buffer[:cut], self._buffer[cut:]
-        lines = re.split(r"\r\n|\r|\n", head)
-        self._buffer = lines.pop() + self._buffer
-        return lines
-
-    def flush(self) -> list[str]:
-        rest, self._buffer = self._buffer.rstrip("\r"), ""
-        return [rest] if rest else []
-
-
-class _EventBuilder:
-    """Collects ``data:`` lines until a blank line ends the event; ignores comments and
-    the other SSE fields (``event:``, ``id:``, ``retry:``)."""
-
-    def __init__(self) -> None:
-        self._data: list[str] = []
-
-    def feed_line(self, line: str) -> str | None:
-        if not line:
-            return self.flush()
-        if line.startswith(":"):
-            return None  # keep-alive comment, e.g. ": ping"
-        name, _, value = line.partition(":")
-        if name == "data":
-            self._data.append(value[1:] if value.startswith(" ") else value)
-        return None
-
-    def flush(self) -> str | None:
-        if not self._data:
-            return None
-        payload, self._data = "\n".join(self._data), []
-        return payload
-
-
-def decode_payload(payload: str) -> list[dict[str, Any] | str]:
-    """One event's data -> JSON objects, or ``"[DONE]"``.
-
-    An event whose ``data:`` lines are each a whole JSON object (a server that forgot the
-    blank lines between events) gives one object per line.
-
-    >>> decode_payload('{"a": 1}\\n{"a": 2}')
-    [{'a': 1}, {'a': 2}]
-    """
-    if payload.strip() == DONE:
-        return [DONE]
-    try:
-        return [_as_object(json.loads(payload))]
-    except json.JSONDecodeError:
-        pass
-    out: list[dict[str, Any] | str] = []
-    for line in payload.split("\n"):
-        if not line.strip():
-            continue
-        if line.strip() == DONE:
-            out.append(DONE)
-            continue
-        try:
-            out.append(_as_object(json.loads(line)))
-        except json.JSONDecodeError as exc:
-            raise ValueError(f"a stream event is not JSON: {payload[:200]!r}") from exc
-    return out
-
-
-def _as_object(value: Any) -> dict[str, Any]:
-    return value if isinstance(value, dict) else {}
-
-
-def parse_sse_lines(lines: Iterable[str]) -> Iterator[dict[str, Any] | str]:
-    """SSE lines -> each event's JSON object, or ``"[DONE]"``; comments and blanks skipped.
-
-    >>> list(parse_sse_lines([": ping", 'data:{"x": 1}', "", "data: [DONE]", ""]))
-    [{'x': 1}, '[DONE]']
-    """
-    builder = _EventBuilder()
-    for line in lines:
-        payload = builder.feed_line(line.rstrip("\r"))
-        if payload is not None:
-            yield from decode_payload(payload)
-    payload = builder.flush()  # the stream closed without a final blank line
-    if payload is not None:
-        yield from decode_payload(payload)
-
-
-# --- Chunks and errors: pure interpretation -------------------------------------------------
-
-
-def _first_choice(body: dict[str, Any]) -> dict[str, Any]:
-    choices = body.get("choices")
-    if not isinstance(choices, list):
-        return {}
-    for choice in choices:
-        if isinstance(choice, dict) and choice.get("index", 0) == 0:
-            return choice
-    return {}
-
-
-def _choice_text(choice: dict[str, Any]) -> str:
-    """Text of a choice, whether the server put it in ``delta``, ``message`` or ``text``."""
-    for key in ("delta", "message"):
-        part = choice.get(key)
-        if isinstance(part, dict) and isinstance(part.get("content"), str):
-            return str(part["content"])
-    text = choice.get("text")
-    return text if isinstance(text, str) else ""
-
-
-def _usage(value: Any) -> dict[str, int] | None:
-    if not isinstance(value, dict):
-        return None
-    return {k: v for k, v in value.items() if isinstance(v, int) and not isinstance(v, bool)}
-
-
-def error_message(body: bytes | str, *, limit: int = 500) -> str:
-    """The server's own message from an error body: OpenAI JSON, or the text truncated.
-
-    >>> error_message(b'{"error": {"message": "boom", "type": "server_error"}}')
-    'boom'
-    """
-    text = body.decode("utf-8", "replace") if isinstance(body, bytes) else body
-    try:
-        data = json.loads(text)
-    except json.JSONDecodeError:
-        data = None
-    if isinstance(data, dict):
-        for candidate in (data.get("error"), data):
-            if isinstance(candidate, str) and candidate.strip():
-                return candidate.strip()
-            if isinstance(candidate, dict):
-                for key in ("message", "detail", "error"):
-                    if isinstance(candidate.get(key), str) and candidate[key].strip():
-                        return str(candidate[key]).strip()
-    text = " ".join(text.split())
-    return text if len(text) <= limit else text[: limit - 1] + "…"
-
-
-def is_context_length_message(message: str) -> bool:
-    """Whether a server's error message says the request did not fit the context window.
-
-    >>> is_context_length_message("This model's maximum context length is 4096 tokens")
-    True
-    """
-    return bool(_CONTEXT_LENGTH.search(message))
-
-
-class _Answer:
-    """What a stream has said so far: the last finish_reason, usage and model seen."""
-
-    def __init__(self) -> None:
-        self.finish_reason: str | None = None
-        self.usage: dict[str, int] | None = None
-        self.model: str | None = None
-        self.started = False  # a delta was received
-        self.ended = False  # [DONE] was received
-
-    def take(self, event: dict[str, Any] | str) -> str:
-        """Record one event; returns its text (often empty)."""
-        if event == DONE or not isinstance(event, dict):
-            self.ended = self.ended or event == DONE
-            return ""
-        if isinstance(event.get("model"), str) and event["model"]:
-            self.model = event["model"]
-        self.usage = _usage(event.get("usage")) or self.usage
-        choice = _first_choice(event)
-        if isinstance(choice.get("finish_reason"), str) and choice["finish_reason"]:
-            self.finish_reason = choice["finish_reason"]
-        text = _choice_text(choice)
-        self.started = self.started or bool(text)
-        return text
-
-    def done(self) -> ChatDone:
-        return ChatDone(finish_reason=self.finish_reason, usage=self.usage, model=self.model)
-
-
-# --- Model ids ------------------------------------------------------------------------------
-
-
-def _words(name: str) -> list[str]:
-    return [w for w in re.split(r"[-_.\s]+", name.lower()) if w]
-
-
-def _split_version(model_id: str) -> tuple[str, int]:
-    base, sep, version = model_id.rpartition(":")
-    if sep and version.isdigit():
-        return base, int(version)
-    return model_id, -1
-
-
-def pick_model(name: str, available: Sequence[str]) -> str | None:
-    """The id ``name`` stands for: the id itself, or the best variant of an alias.
-
-    Variants whose extra words only name a build (``instruct-generic-cpu``) beat other models
-    that merely share the prefix (``phi-4-mini-reasoning``); then CPU builds; then the
-    highest version.
-
-    >>> pick_model("phi-4-mini", ["Phi-4-mini-instruct-generic-gpu:5",
-    ...     "Phi-4-mini-instruct-generic-cpu:4", "Phi-4-mini-instruct-generic-cpu:5"])
-    'Phi-4-mini-instruct-generic-cpu:5'
-    """
-    if name in available:
-        return name
-    folded = [m for m in available if m.casefold() == name.casefold()]
-    if folded:
-        return folded[0]
-    alias = _words(_split_version(name)[0])
-    if not alias:
-        return None
-    candidates = []
-    for model_id in available:
-        base, version = _split_version(model_id)
-        words = _words(base)
-        if words[: len(alias)] != alias:
-            continue
-        extra = words[len(alias) :]
-        clean = all(w in _VARIANT_WORDS for w in extra)
-        candidates.append((clean, "cpu" in extra, version, -len(extra), model_id))
-    if not candidates:
-        return None
-    # max() keeps the first of equals: sort by id so ties resolve the same way every time.
-    return max(sorted(candidates, key=lambda c: c[-1]), key=lambda c: c[:-1])[-1]
-
-
-# --- The client -----------------------------------------------------------------------------
+    host = httpx.URL(url if "://" in url else f"http://{url}").host
+    return host in _LOOPBACK_HOSTS or host.startswith("127.")
 
 
 def _normalise_base_url(base_url: str) -> str:
@@ -352,16 +101,6 @@ def _normalise_base_url(base_url: str) -> str:
 
 # How long to wait for the end of a body after [DONE] before closing it anyway.
 DRAIN_TIMEOUT = 1.0
-
-
-def _call_when_sent(callback: Callable[[], None]) -> Callable[[str, dict[str, Any]], Awaitable[None]]:
-    """An httpcore ``trace`` extension that calls ``callback`` when the request body is written."""
-
-    async def trace(event: str, info: dict[str, Any]) -> None:
-        if event.endswith(".send_request_body.complete"):  # http11. or http2.
-            callback()
-
-    return trace
 
 
 class ChatClient:
@@ -391,7 +130,7 @@ class ChatClient:
         self.retry_backoff = retry_backoff
         self._owns_client = client is None
         # A proxy from HTTP_PROXY would intercept requests meant for this machine.
-        local = httpx.URL(self.root).host in _LOOPBACK
+        local = is_loopback(self.root)
         self._client = client if client is not None else httpx.AsyncClient(
             trust_env=not local, limits=httpx.Limits(keepalive_expiry=KEEPALIVE_EXPIRY)
         )
@@ -418,16 +157,6 @@ class ChatClient:
         tb: TracebackType | None,
     ) -> None:
         await self.aclose()
-
-    async def preconnect(self) -> None:
-        """Open a connection to the endpoint ahead of a request, so that the request finds it
-        in the pool and skips the TCP (and TLS) set-up: a ``GET /v1/models``, whose connection
-        the server keeps alive (``KEEPALIVE_EXPIRY``). The chat runs it when a chat opens and
-        after each answer. Never raises: the request that follows reports what is wrong."""
-        try:
-            await self._client.get(self.models_url, headers=self._headers(), timeout=self.connect_timeout)
-        except Exception:  # noqa: BLE001, S110 - see above
-            pass
 
     # -- models --
 
@@ -487,28 +216,6 @@ class ChatClient:
 
     # -- chat --
 
-    def _body(
-        self,
-        messages: Sequence[Message],
-        *,
-        model: str,
-        stream: bool,
-        temperature: float | None,
-        max_tokens: int | None,
-        extra: dict[str, Any],
-    ) -> dict[str, Any]:
-        body: dict[str, Any] = dict(extra)
-        body["model"] = model
-        body["messages"] = [{"role": m.role, "content": m.content} for m in messages]
-        body["stream"] = stream
-        if stream:
-            body["stream_options"] = {"include_usage": True}
-        if temperature is not None:
-            body["temperature"] = temperature
-        if max_tokens is not None:
-            body["max_tokens"] = max_tokens
-        return body
-
     async def stream(
         self,
         messages: Sequence[Message],
@@ -516,25 +223,19 @@ class ChatClient:
         model: str,
         temperature: float | None = None,
         max_tokens: int | None = None,
-        on_sent: Callable[[], None] | None = None,
         **extra: Any,
     ) -> AsyncIterator[ChatEvent]:
         """Yield ``ChatDelta``s as they arrive, then exactly one ``ChatDone``.
 
-        ``on_sent`` is called once the request is written to the connection (again if it is
-        retried): the caller may then do other work while the model reads it.
         Closing the generator (``aclose()``, ``break`` inside ``aclosing``, a cancelled task)
         closes the HTTP response, which tells the server to stop generating.
         """
-        body = self._body(
-            messages, model=model, stream=True, temperature=temperature,
-            max_tokens=max_tokens, extra=extra,
-        )  # fmt: skip
+        body = request_body(
+            messages, model=model, stream=True, temperature=temperature, max_tokens=max_tokens, extra=extra
+        )
         url = self.chat_url
         headers = {**self._headers(), "Accept": "text/event-stream"}
         request = self._client.build_request("POST", url, json=body, headers=headers)
-        if on_sent is not None:
-            request.extensions["trace"] = _call_when_sent(on_sent)
         loop = asyncio.get_running_loop()
         deadline = loop.time() + self.first_token_timeout
         response = await self._send(request, deadline=deadline, model=model)
@@ -546,8 +247,8 @@ class ChatClient:
                     yield ChatDelta(text)
                 yield done
                 return
-            answer = _Answer()
-            splitter, builder = _LineSplitter(), _EventBuilder()
+            answer = StreamState()
+            splitter, builder = LineSplitter(), EventBuilder()
             utf8 = codecs.getincrementaldecoder("utf-8")(errors="replace")
             raw_chunks = cast(AsyncGenerator[bytes, None], response.aiter_bytes())
             async with aclosing(raw_chunks) as chunks:
@@ -585,7 +286,7 @@ class ChatClient:
             await response.aclose()
 
     def _events(
-        self, lines: list[str], builder: _EventBuilder, status: int
+        self, lines: list[str], builder: EventBuilder, status: int
     ) -> Iterator[dict[str, Any] | str]:
         """The decoded events these lines complete; raises on an error event or garbage."""
         for line in lines:
@@ -616,10 +317,9 @@ class ChatClient:
 
         The answer must arrive within ``first_token_timeout`` of sending the request.
         """
-        body = self._body(
-            messages, model=model, stream=False, temperature=temperature,
-            max_tokens=max_tokens, extra=extra,
-        )  # fmt: skip
+        body = request_body(
+            messages, model=model, stream=False, temperature=temperature, max_tokens=max_tokens, extra=extra
+        )
         request = self._client.build_request("POST", self.chat_url, json=body, headers=self._headers())
         deadline = asyncio.get_running_loop().time() + self.first_token_timeout
         response = await self._send(request, deadline=deadline, model=model)
@@ -631,7 +331,7 @@ class ChatClient:
 
     def _parse_completion(self, raw: bytes, *, status: int = 200) -> tuple[str, ChatDone]:
         try:
-            data = _as_object(json.loads(raw))
+            data = as_object(json.loads(raw))
         except json.JSONDecodeError as exc:
             raise EndpointHTTPError(
                 f"{self.chat_url} answered with something that is not JSON: "
@@ -640,13 +340,7 @@ class ChatClient:
                 status=status,
             ) from exc
         self._raise_stream_error(data, status)
-        choice = _first_choice(data)
-        done = ChatDone(
-            finish_reason=choice.get("finish_reason") or None,
-            usage=_usage(data.get("usage")),
-            model=data.get("model") or None,
-        )
-        return _choice_text(choice), done
+        return parse_completion(data)
 
     # -- transport --
 

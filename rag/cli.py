@@ -13,12 +13,16 @@ import textwrap
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from rag.config import POLICIES, RETRIEVAL_MODES, Settings, load_settings
 from rag.embedding import Embedder, embedder_for
 from rag.errors import RagError
 from rag.store import open_store
 from rag.types import Hit, IndexReport
+
+if TYPE_CHECKING:
+    from rag.pipeline import AskOptions
 
 Command = Callable[[argparse.Namespace, Settings], int]
 _COMMANDS: dict[str, Command] = {}
@@ -151,64 +155,75 @@ def cmd_eval(args: argparse.Namespace, settings: Settings) -> int:
     return 0
 
 
+def _options(args: argparse.Namespace, settings: Settings) -> AskOptions:
+    from rag.pipeline import AskOptions
+
+    options = AskOptions.from_settings(settings)
+    return options.updated(
+        {"top_k": getattr(args, "k", None) or options.top_k, "mode": getattr(args, "mode", None) or options.mode,
+         "min_relevance": options.min_relevance if getattr(args, "min_relevance", None) is None else args.min_relevance,
+         "policy": getattr(args, "policy", None) or options.policy},
+        [],
+    )  # fmt: skip
+
+
 @command("ask")
 def cmd_ask(args: argparse.Namespace, settings: Settings) -> int:
     import asyncio
 
+    return asyncio.run(_ask(args, settings))
+
+
+async def _ask(args: argparse.Namespace, settings: Settings) -> int:
+    from contextlib import aclosing
+
     from rag.indexing import index_params
-    from rag.pipeline import retrieve
+    from rag.pipeline import Retrieved, Started, ask
+    from rag.prompting import default_token_counter
+    from rag.routing import Router
+    from rag.types import ChatDelta
 
     embedder = make_embedder(settings)
     snapshot = open_store(settings).load(expected=index_params(settings, embedder))
-    found = retrieve(
-        snapshot,
-        embedder,
-        args.question,
-        k=args.k or settings.top_k,
-        mode=args.mode or settings.retrieval_mode,
-        min_relevance=settings.min_relevance if args.min_relevance is None else args.min_relevance,
-    )
-    if not found.relevant:
-        print(
-            f"Your documents don't seem to contain the answer: no passage reaches the relevance "
-            f"threshold ({found.min_relevance:.2f}, RAG_MIN_RELEVANCE). The closest passages:"
-        )
-        for hit in found.closest[:3]:
-            print(format_hit(hit))
-        return 0
-    return asyncio.run(_stream_answer(args.question, found.hits, settings, policy=args.policy))
-
-
-async def _stream_answer(question: str, hits: Sequence[Hit], settings: Settings, *, policy: str | None = None) -> int:
-    from rag.chat import ChatDelta
-    from rag.routing import Router
-
-    router = await Router.create(settings, policy=policy)
+    router = Router(settings)
+    reply = None
     try:
-        reply = await router.answer(
-            question, hits, max_answer_tokens=settings.max_answer_tokens, temperature=settings.temperature
-        )
-        async for event in reply:
-            if isinstance(event, ChatDelta):
-                print(event.text, end="", flush=True)
-        print()
-        if reply.done is not None and reply.done.finish_reason == "repetition":
-            print("(stopped: the model started repeating itself)")
-        elif reply.done is not None and reply.done.finish_reason == "length":
-            print(f"(cut off at {settings.max_answer_tokens} tokens: RAG_MAX_ANSWER_TOKENS)")
-        cited = reply.citations()
-        if cited:
-            print("\nSources:")
-        for number in cited:
-            chunk = reply.hits[number - 1].chunk
-            print(f"  [{number}] {chunk.source}" + (f", page {chunk.page}" if chunk.page else ""))
-        route = reply.route
-        assert route is not None
-        print(f"\n— {route.model} ({route.endpoint}, {route.base_url}) · policy {route.policy}")
-        if route.fallback:
-            print(f"  fallback: {route.fallback}")
+        events = ask(args.question, index=snapshot, embedder=embedder, router=router, options=_options(args, settings),
+                     count=default_token_counter(), max_answer_tokens=settings.max_answer_tokens)  # fmt: skip
+        async with aclosing(events):
+            async for event in events:
+                if isinstance(event, Retrieved) and not event.retrieval.relevant:
+                    found = event.retrieval
+                    print(
+                        f"Your documents don't seem to contain the answer: no passage reaches the relevance "
+                        f"threshold ({found.min_relevance:.2f}, RAG_MIN_RELEVANCE). The closest passages:"
+                    )
+                    for hit in found.closest[:3]:
+                        print(format_hit(hit))
+                elif isinstance(event, Started):
+                    reply = event.answer
+                elif isinstance(event, ChatDelta):
+                    print(event.text, end="", flush=True)
     finally:
         await router.aclose()
+    if reply is None:
+        return 0
+    print()
+    if reply.done is not None and reply.done.finish_reason == "repetition":
+        print("(stopped: the model started repeating itself)")
+    elif reply.done is not None and reply.done.finish_reason == "length":
+        print(f"(cut off at {settings.max_answer_tokens} tokens: RAG_MAX_ANSWER_TOKENS)")
+    cited = reply.citations()
+    if cited:
+        print("\nSources:")
+    for number in cited:
+        chunk = reply.hits[number - 1].chunk
+        print(f"  [{number}] {chunk.source}" + (f", page {chunk.page}" if chunk.page else ""))
+    route = reply.route
+    assert route is not None
+    print(f"\n— {route.model} ({route.endpoint}, {route.base_url}) · policy {route.policy}")
+    if route.fallback:
+        print(f"  fallback: {route.fallback}")
     return 0
 
 
@@ -224,12 +239,14 @@ def cmd_compare(args: argparse.Namespace, settings: Settings) -> int:
 
 async def _compare(args: argparse.Namespace, settings: Settings) -> int:
     import asyncio
+    import dataclasses
 
-    from rag.compare import Target, load_questions, run_compare, write_report
+    from rag.compare import Target, load_questions, run_compare
     from rag.index import IndexStore
     from rag.indexing import index_params
-    from rag.pipeline import retrieve
+    from rag.pipeline import ask
     from rag.prompting import default_token_counter
+    from rag.report import write_report
     from rag.routing import Router
 
     questions = load_questions(Path(args.questions), limit=args.limit)
@@ -243,13 +260,9 @@ async def _compare(args: argparse.Namespace, settings: Settings) -> int:
         snapshot = build_eval_index(corpus, settings, embedder, store)
     else:
         snapshot = open_store(settings).load(expected=index_params(settings, embedder))
-    k = args.k or settings.top_k
-
-    def find(question: str):  # type: ignore[no-untyped-def]
-        return retrieve(snapshot, embedder, question, k=k, mode=settings.retrieval_mode,
-                        min_relevance=settings.min_relevance)  # fmt: skip
-
-    router = await Router.create(settings, policy=args.policy)
+    options = _options(args, settings)
+    count = default_token_counter()
+    router = Router(settings)
     try:
         names = [n.strip() for n in args.endpoints.split(",")] if args.endpoints else [s.name for s in router.specs]
         models = [m.strip() for m in args.models.split(",")] if args.models else []
@@ -262,15 +275,20 @@ async def _compare(args: argparse.Namespace, settings: Settings) -> int:
         if len(targets) < 2:
             print("note: only one endpoint/model to compare: name more with --endpoints or --models")
 
+        def ask_target(question: str, target: Target):  # type: ignore[no-untyped-def]
+            return ask(question, index=snapshot, embedder=embedder, router=router,
+                       options=dataclasses.replace(options, model=target.model), count=count,
+                       max_answer_tokens=settings.max_answer_tokens, candidates=[target.spec])  # fmt: skip
+
         def progress(run):  # type: ignore[no-untyped-def]
             status = f"error: {run.error[:80]}" if run.error else f"{run.total:.1f} s, {len(run.text)} chars"
             print(f"  {run.target:<28} {run.question.text[:50]:<50} {status}", flush=True)
 
-        result = await run_compare(questions, targets, router, find, count=default_token_counter(), on_run=progress)
+        result = await run_compare(questions, targets, ask_target, count=count, on_run=progress)
     finally:
         await router.aclose()
-    result.notes.append(f"policy {router.policy}; top-k {k}; max answer tokens {settings.max_answer_tokens}; "
-                        f"temperature {settings.temperature}")  # fmt: skip
+    result.notes.append(f"policy {options.policy}; top-k {options.top_k}; max answer tokens "
+                        f"{settings.max_answer_tokens}; temperature {options.temperature}")  # fmt: skip
     md, page = await asyncio.to_thread(write_report, result, Path(args.out))
     print(f"Wrote {md} and {page}")
     return 0
@@ -283,7 +301,8 @@ def cmd_serve(args: argparse.Namespace, settings: Settings) -> int:
     from rag.server import serve
 
     logging.basicConfig(level=logging.INFO, format="%(message)s")
-    serve(settings, host=args.host, port=args.port, model_dirs=args.model_dir)
+    serve(settings.replace(model=args.model or settings.model), host=args.host, port=args.port,
+          model_dirs=args.model_dir)  # fmt: skip
     return 0
 
 
@@ -376,6 +395,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=0, help="0 picks a free port and prints it")
     p.add_argument("--model-dir", action="append", help="an ONNX GenAI model folder (default: every built model)")
+    p.add_argument("--model", help="the model to list first: a built model's name (RAG_MODEL)")
 
     p = sub.add_parser("model", help="build the offline chat models")
     p.add_argument("action", choices=("build", "list", "needed"))

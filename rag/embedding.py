@@ -21,9 +21,7 @@ import hashlib
 import logging
 import os
 import threading
-from collections import OrderedDict
 from collections.abc import Callable, Iterable, Sequence
-from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -80,55 +78,43 @@ class Embedder:
         return self.embed([text])[0]
 
 
-class QueriesAhead:
-    """Query vectors started before retrieval asks for them.
+class ProgressEmbedder(Embedder):
+    """Another embedder, counting the passages it embeds for indexing (``embedded``; queries
+    are not counted): what the chat shows while a first index is built."""
 
-    A chat question is known as soon as its socket frame arrives; the chat framework then
-    takes a few milliseconds (events to the page, its own bookkeeping) before the handler
-    runs. ``start`` embeds the text meanwhile on threads of its own (two, so that two chats
-    asking at once are embedded side by side, as their retrievals would be); ``take`` hands
-    the vector to the retrieval that asks for exactly that text, waiting for it if it is not
-    done yet.
-    Only the ``keep`` newest are kept: a text that is never asked for (the question was
-    rewritten, the chat closed) is dropped with the oldest. Texts known before anyone asks
-    (the starter questions the page offers) are ``pin``-ned instead: embedded once, handed out
-    as often as asked, until another set replaces them.
-    """
+    def __init__(self, inner: Embedder) -> None:
+        super().__init__(batch_size=inner.batch_size)
+        self.inner = inner
+        self.embedded = 0
 
-    def __init__(self, embed_query: Callable[[str], np.ndarray], *, keep: int = 8) -> None:
-        self._embed_query = embed_query
-        self._keep = keep
-        self._pending: OrderedDict[str, Future[np.ndarray]] = OrderedDict()
-        self._pinned: dict[str, Future[np.ndarray]] = {}
-        self._lock = threading.Lock()
-        self._pool = ThreadPoolExecutor(max_workers=2, thread_name_prefix="rag-query-ahead")
+    @property  # type: ignore[override]
+    def model_id(self) -> str:
+        return self.inner.model_id
 
-    def pin(self, texts: Sequence[str]) -> None:
-        """Keep vectors for exactly ``texts``: the new ones are embedded, the others dropped."""
-        with self._lock:
-            self._pinned = {
-                text: self._pinned.get(text) or self._pool.submit(self._embed_query, text) for text in texts
-            }
+    @property  # type: ignore[override]
+    def dimension(self) -> int:
+        return self.inner.dimension
 
-    def start(self, text: str) -> None:
-        with self._lock:
-            if text in self._pending or text in self._pinned:
-                return
-            self._pending[text] = self._pool.submit(self._embed_query, text)
-            while len(self._pending) > self._keep:
-                self._pending.popitem(last=False)[1].cancel()
+    @property  # type: ignore[override]
+    def max_tokens(self) -> int:
+        return self.inner.max_tokens
 
-    def take(self, text: str) -> np.ndarray | None:
-        """The vector started for ``text`` (once; a pinned one each time), or None: none was
-        started, or it failed (the caller embeds it itself and meets the error there)."""
-        with self._lock:
-            pending = self._pending.pop(text, None) or self._pinned.get(text)
-        if pending is None:
-            return None
-        try:
-            return pending.result()
-        except Exception:  # noqa: BLE001 - the caller's own embedding reports it
-            return None
+    def count_tokens(self, text: str) -> int:
+        return self.inner.count_tokens(text)
+
+    def embed_batch(self, texts: Sequence[str]) -> np.ndarray:
+        return self.inner.embed_batch(texts)
+
+    def embed_query(self, text: str) -> np.ndarray:
+        return self.inner.embed_query(text)  # the inner one's fast path
+
+    def embed(self, texts: Sequence[str], *, on_batch: Callable[[int], None] | None = None) -> np.ndarray:
+        def counted(n: int) -> None:
+            self.embedded += n
+            if on_batch is not None:
+                on_batch(n)
+
+        return self.inner.embed(texts, on_batch=counted)
 
 
 def normalize(vectors: np.ndarray) -> np.ndarray:

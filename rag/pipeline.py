@@ -1,135 +1,92 @@
-"""Question answering: rewrite a follow-up, retrieve behind a relevance gate, answer with citations.
+"""The one path of a question: rewrite → retrieve → gate → budgeted prompt → stream with fallback.
 
-The flow shared by the chat app and the command line, as plain values (no UI framework)::
+The chat app, ``rag ask``, ``rag compare``, ``rag eval-answers`` and the API's retrieval models
+all call ``ask`` and render what it yields, as plain values (no UI framework)::
 
-    question ──rewrite_question──▶ standalone question ──retrieve──▶ Retrieval
-        Retrieval.relevant is False ─▶ say the documents don't contain the answer (no model call)
-        Retrieval.relevant is True  ─▶ answer() streams ChatDelta…ChatDone; Answer.hits are
-                                       the passages actually sent, so the model's [n] is hits[n-1]
+    question ──router.rewrite──▶ standalone        (a follow-up only)     Rewriting, Rewritten
+        ──retrieve──▶ Retrieval                                             Retrieved
+        Retrieval.relevant is False ─▶ stop: say the documents don't contain the answer
+        ──router.answer──▶ Answer (the candidate that gave a first token)   Started
+        ──▶ ChatDelta … ChatDone                                           (the answer's events)
 
 Trade-offs:
 
-- The rewrite is a second model call before every follow-up. It costs time to first token, but
-  retrieval for "and what does it cost?" finds nothing without it. It is best effort: any
-  failure, an empty or rambling rewrite falls back to the question as asked.
 - The gate uses the cosine similarity each hit carries, which means the same in every retrieval
   mode. Passages under the threshold are not sent even when others pass: a weak passage
   numbered [4] invites a citation that supports nothing.
-- Budgeting (``fit_to_budget``) may drop the lowest-ranked passages; citations are resolved
-  against what was sent, never against what was retrieved.
+- Budgeting may drop the lowest-ranked passages (``Started.answer.hits`` are those sent);
+  citations are resolved against what was sent, never against what was retrieved.
+- A rewrite failure never fails the question: it is asked as it was typed.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
-import re
-from collections.abc import AsyncGenerator, AsyncIterator, Callable, Sequence
-from dataclasses import dataclass, field
+from collections.abc import AsyncGenerator, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
 
-from rag.chat import ChatClient, ChatDelta, ChatDone, ChatEvent, Message
-from rag.config import DEFAULT_MIN_RELEVANCE
+from rag.answering import Answer, needs_rewrite
+from rag.citations import strip_citations
+from rag.config import DEFAULT_MIN_RELEVANCE, POLICIES, RETRIEVAL_MODES, Settings
 from rag.embedding import Embedder
-from rag.errors import RagError
+from rag.endpoints import EndpointSpec
 from rag.index import Snapshot
-from rag.prompting import SYSTEM_PROMPT, TokenCounter, default_token_counter, fit_to_budget
+from rag.prompting import TokenCounter
 from rag.retrieval import LiveIndex, Retriever
-from rag.types import Hit
+from rag.routing import Router
+from rag.types import ChatEvent, Hit, Message
 
-DEFAULT_REWRITE_TIMEOUT = 30.0
-REWRITE_MAX_TOKENS = 96
-# How much of the conversation the rewrite sees: the last few turns, each cut short.
-REWRITE_HISTORY_MESSAGES = 6
-REWRITE_MESSAGE_CHARS = 600
-
-REWRITE_PROMPT = """\
-Rewrite the user's last question so that it can be understood without the conversation: \
-replace pronouns and references such as "it", "they" or "that one" with what they refer to. \
-Keep the question's meaning and language; do not answer it. If it is already self-contained, \
-repeat it unchanged. Reply with the rewritten question only."""
-
-_CITATION_GROUP = re.compile(r"\[(\s*\d{1,3}(?:\s*[,;]\s*\d{1,3})*\s*)\]")
-_PREFIX = re.compile(r"^(?:standalone|rewritten)?\s*question\s*:\s*", re.I)
+HISTORY_MESSAGES = 12  # turns kept per conversation (the budget may send fewer)
+MAX_TOP_K = 20
 
 
-# --- Rewriting ------------------------------------------------------------------------------
+# --- Options --------------------------------------------------------------------------------
 
 
-def _clip(text: str, limit: int) -> str:
-    text = " ".join(text.split())
-    return text if len(text) <= limit else text[: limit - 1] + "…"
+@dataclass(frozen=True)
+class AskOptions:
+    """How one question is answered (a chat's settings; changes apply to its next question)."""
 
+    model: str = ""  # empty: the endpoint's own
+    top_k: int = 5
+    temperature: float = 0.2
+    mode: str = "hybrid"
+    min_relevance: float = DEFAULT_MIN_RELEVANCE
+    policy: str = "local-only"  # routing (rag/routing.py)
 
-def rewrite_messages(history: Sequence[Message], question: str) -> list[Message]:
-    """The request that asks for a standalone version of ``question``.
+    @classmethod
+    def from_settings(cls, settings: Settings, model: str = "") -> AskOptions:
+        return cls(model=model or settings.model, top_k=settings.top_k, temperature=settings.temperature,
+                   mode=settings.retrieval_mode, min_relevance=settings.min_relevance,
+                   policy=settings.policy)  # fmt: skip
 
-    >>> [m.role for m in rewrite_messages([Message("user", "Hi"), Message("assistant", "Yo")], "Why?")]
-    ['system', 'user']
-    """
-    recent = [m for m in history if m.role in ("user", "assistant")][-REWRITE_HISTORY_MESSAGES:]
-    transcript = "\n".join(f"{m.role.capitalize()}: {_clip(m.content, REWRITE_MESSAGE_CHARS)}" for m in recent)
-    user = f"Conversation:\n{transcript}\n\nLast question: {question.strip()}\n\nStandalone question:"
-    return [Message("system", REWRITE_PROMPT), Message("user", user)]
+    def updated(self, values: Mapping[str, Any], models: Sequence[str]) -> AskOptions:
+        """These options after a settings form sent ``values``; out-of-range or unknown values
+        are clamped or ignored (the form is a browser: trust nothing).
 
-
-def clean_rewrite(text: str, question: str) -> str:
-    """The model's rewrite tidied up, or ``question`` when the rewrite is unusable.
-
-    Unusable: empty, several lines of prose, or much longer than the question (a model that
-    answers instead of rewriting).
-
-    >>> clean_rewrite('Standalone question: "What does the Pro plan cost?"', "And the Pro?")
-    'What does the Pro plan cost?'
-    >>> clean_rewrite("", "And the Pro?")
-    'And the Pro?'
-    """
-    lines = [line.strip() for line in text.strip().splitlines() if line.strip()]
-    if not lines or len(lines) > 2:
-        return question
-    rewrite = _PREFIX.sub("", " ".join(lines)).strip().strip("\"'“”«»").strip()
-    if not rewrite or len(rewrite) > max(4 * len(question.strip()), 200):
-        return question
-    return rewrite
-
-
-def needs_rewrite(history: Sequence[Message], question: str) -> bool:
-    """Whether ``question`` is a follow-up worth making standalone: there is a conversation
-    before it, and a question. Checked before any endpoint is asked (or opened).
-
-    >>> needs_rewrite([], "and Mars?"), needs_rewrite([Message("user", "Venus?")], " ")
-    (False, False)
-    """
-    return bool(history) and bool(question.strip())
-
-
-async def rewrite_question(
-    client: ChatClient,
-    model: str,
-    history: Sequence[Message],
-    question: str,
-    *,
-    timeout: float | None = DEFAULT_REWRITE_TIMEOUT,
-) -> str:
-    """A standalone version of a follow-up ``question``; the question itself when there is
-    no history or anything goes wrong (endpoint error, timeout, unusable answer)."""
-    if not needs_rewrite(history, question):
-        return question
-    try:
-        return await request_rewrite(client, model, history, question, timeout=timeout)
-    except (RagError, TimeoutError):
-        return question
-
-
-async def request_rewrite(
-    client: ChatClient, model: str, history: Sequence[Message], question: str, *, timeout: float | None
-) -> str:
-    """``rewrite_question`` that raises (``RagError``, ``TimeoutError``) instead of giving up:
-    for a caller with another endpoint to try."""
-    async with asyncio.timeout(timeout):
-        text, _ = await client.complete(
-            rewrite_messages(history, question), model=model, temperature=0.0, max_tokens=REWRITE_MAX_TOKENS
-        )
-    return clean_rewrite(text, question)
+        >>> AskOptions().updated({"top_k": 50.0, "mode": "bm25", "model": "x"}, ["m"])
+        AskOptions(model='', top_k=20, temperature=0.2, mode='bm25', min_relevance=0.35, policy='local-only')
+        """
+        changes: dict[str, Any] = {}
+        with contextlib.suppress(TypeError, ValueError):
+            if "top_k" in values:
+                changes["top_k"] = min(MAX_TOP_K, max(1, int(float(values["top_k"]))))
+        with contextlib.suppress(TypeError, ValueError):
+            if "temperature" in values:
+                changes["temperature"] = min(2.0, max(0.0, float(values["temperature"])))
+        with contextlib.suppress(TypeError, ValueError):
+            if "min_relevance" in values:
+                changes["min_relevance"] = min(1.0, max(-1.0, float(values["min_relevance"])))
+        if values.get("mode") in RETRIEVAL_MODES:
+            changes["mode"] = values["mode"]
+        if values.get("model") in models:
+            changes["model"] = values["model"]
+        if values.get("policy") in POLICIES:
+            changes["policy"] = values["policy"]
+        return dataclasses.replace(self, **changes)
 
 
 # --- Retrieval and the relevance gate -------------------------------------------------------
@@ -192,141 +149,92 @@ def retrieve(
     )
 
 
-# --- Answering ------------------------------------------------------------------------------
+# --- The path -------------------------------------------------------------------------------
 
 
-@dataclass
-class Answer:
-    """A streaming answer. Iterate it for ``ChatDelta``s then one ``ChatDone``.
+@dataclass(frozen=True)
+class Rewriting:
+    """A follow-up is being made standalone (a model call: it takes a moment)."""
 
-    ``hits`` are the passages sent, numbered as sent: the model's ``[n]`` is ``hits[n - 1]``.
-    ``text`` accumulates the answer as it streams. ``aclose()`` (or cancelling the task that
-    iterates) closes the HTTP stream, which stops the generation on the server.
-    """
-
-    hits: list[Hit]
-    messages: list[Message]
-    model: str
-    _events: AsyncGenerator[ChatEvent, None] | None = None
-    text: str = ""
-    done: ChatDone | None = field(default=None)
-
-    def __aiter__(self) -> AsyncIterator[ChatEvent]:
-        return self._iterate()
-
-    async def _iterate(self) -> AsyncGenerator[ChatEvent, None]:
-        assert self._events is not None, "an Answer streams once"
-        events, self._events = self._events, None
-        try:
-            async for event in events:
-                if isinstance(event, ChatDelta):
-                    self.text += event.text
-                    yield event
-                    if is_looping(self.text):
-                        # Small models fall into loops that run to the token limit: stop early
-                        # (closing the stream stops the generation on the server).
-                        self.done = ChatDone(finish_reason="repetition", usage=None, model=self.model)
-                        yield self.done
-                        return
-                    continue
-                if isinstance(event, ChatDone):
-                    self.done = event
-                yield event
-        finally:
-            await events.aclose()
-
-    async def aclose(self) -> None:
-        if self._events is not None:
-            await self._events.aclose()
-            self._events = None
-
-    def citations(self) -> list[int]:
-        """The passage numbers the answer so far cites, in order of first citation."""
-        return citations_in(self.text, len(self.hits))
+    question: str
 
 
-def answer(
-    client: ChatClient,
-    model: str,
+@dataclass(frozen=True)
+class Rewritten:
+    """A follow-up was made standalone (``standalone`` may equal ``question``)."""
+
+    question: str
+    standalone: str
+
+
+@dataclass(frozen=True)
+class Retrieved:
+    """What the search found; when ``retrieval.relevant`` is False nothing more comes."""
+
+    retrieval: Retrieval
+
+
+@dataclass(frozen=True)
+class Started:
+    """The answer's first event arrived: ``answer.hits`` were sent, ``answer.route`` answers."""
+
+    answer: Answer
+
+
+Event = Rewriting | Rewritten | Retrieved | Started | ChatEvent
+
+
+async def ask(
     question: str,
-    hits: Sequence[Hit],
     history: Sequence[Message] = (),
     *,
-    context_window: int,
-    max_answer_tokens: int = 512,
-    temperature: float | None = 0.2,
-    count: TokenCounter | None = None,
-    system: str = SYSTEM_PROMPT,
-    on_sent: Callable[[], None] | None = None,
-) -> Answer:
-    """Fit the passages and history into the model's window, then start streaming the answer.
+    index: LiveIndex | Snapshot,
+    embedder: Embedder,
+    router: Router,
+    options: AskOptions,
+    count: TokenCounter,
+    max_answer_tokens: int | None = None,
+    candidates: Sequence[EndpointSpec] | None = None,
+) -> AsyncGenerator[Event, None]:
+    """Answer ``question`` (after ``history``) from the documents: yields ``Rewriting`` and
+    ``Rewritten`` (a follow-up only), ``Retrieved``, then, when a passage is relevant, ``Started`` and the
+    answer's ``ChatDelta``s and ``ChatDone``. ``Started.answer`` holds the text so far, the
+    citations and the route, also when the stream fails later.
 
-    Raises ``ContextLengthError`` at once when even the question alone does not fit.
-    ``on_sent``: called when the request has been written (``ChatClient.stream``).
+    Raises what no endpoint could get past (``EndpointError``, ``PolicyError``, …) after
+    ``Retrieved``: the caller can still show the passages. Close the generator (``aclosing``)
+    to stop the answer; its HTTP stream closes with it.
     """
-    messages, kept = fit_to_budget(
-        question,
-        hits,
-        history=history,
-        context_window=context_window,
-        reserve_answer_tokens=max_answer_tokens,
-        count=count or default_token_counter(),
-        system=system,
+    standalone = question
+    if needs_rewrite(history, question):
+        yield Rewriting(question)
+        standalone = await router.rewrite(history, question, policy=options.policy, model=options.model)
+        yield Rewritten(question, standalone)
+    found = await asyncio.to_thread(
+        retrieve, index, embedder, standalone, k=options.top_k, mode=options.mode, min_relevance=options.min_relevance
     )
-    events = client.stream(
-        messages, model=model, temperature=temperature, max_tokens=max_answer_tokens, on_sent=on_sent
-    )
-    return Answer(hits=list(kept), messages=messages, model=model, _events=events)  # type: ignore[arg-type]
+    yield Retrieved(found)
+    if not found.relevant:
+        return
+    answer = await router.answer(
+        standalone, found.hits, history, count=count, policy=options.policy, model=options.model,
+        temperature=options.temperature, max_answer_tokens=max_answer_tokens, candidates=candidates,
+    )  # fmt: skip
+    try:
+        yield Started(answer)
+        async for event in answer:
+            yield event
+    finally:
+        await answer.aclose()
 
 
-def is_looping(text: str, *, repeats: int = 3, min_length: int = 12) -> bool:
-    """True when a finished line of at least ``min_length`` characters has come ``repeats``
-    times: the model is repeating itself.
+def remember(history: Sequence[Message], question: str, reply: str, *, keep: int = HISTORY_MESSAGES) -> list[Message]:
+    """The conversation with one more turn, for follow-ups: the last ``keep`` messages, the
+    reply without its citation numbers (they named that turn's passages, and would mislead
+    the model about the next turn's).
 
-    >>> is_looping("It is 8 minutes.\\nSee [1].\\nIt is 8 minutes.\\nSee [1].\\nIt is 8 minutes.\\n")
-    True
-    >>> is_looping("It is 8 minutes.\\nIt is 8 minutes.\\nIt is 8 min")
-    False
+    >>> [m.content for m in remember([], "How often?", "Weekly [1].")]
+    ['How often?', 'Weekly.']
     """
-    finished = text.split("\n")[:-1]  # the last piece may still be growing
-    counts: dict[str, int] = {}
-    for line in finished:
-        line = line.strip()
-        if len(line) >= min_length:
-            counts[line] = counts.get(line, 0) + 1
-            if counts[line] >= repeats:
-                return True
-    return False
-
-
-# --- Citations ------------------------------------------------------------------------------
-
-
-def citations_in(text: str, n_passages: int) -> list[int]:
-    """The passage numbers ``text`` cites, in order of first citation; numbers outside
-    1..n_passages (invented by the model) are left out. ``[1, 3]`` cites 1 and 3.
-
-    >>> citations_in("Turn it weekly [2][1]. Keep it moist [2, 7]. See [0].", 3)
-    [2, 1]
-    """
-    seen: list[int] = []
-    for match in _CITATION_GROUP.finditer(text):
-        for part in re.split(r"[,;]", match.group(1)):
-            number = int(part)
-            if 1 <= number <= n_passages and number not in seen:
-                seen.append(number)
-    return seen
-
-
-def normalize_citations(text: str) -> str:
-    """Split grouped citations into single ones, ``[1, 2]`` -> ``[1][2]``, so that each number
-    can be linked on its own.
-
-    >>> normalize_citations("Moist [1, 2]; hot [3;9].")
-    'Moist [1][2]; hot [3][9].'
-    """
-
-    def split(match: re.Match[str]) -> str:
-        return "".join(f"[{p.strip()}]" for p in re.split(r"[,;]", match.group(1)))
-
-    return _CITATION_GROUP.sub(split, text)
+    turns = [*history, Message("user", question), Message("assistant", strip_citations(reply))]
+    return turns[-keep:]

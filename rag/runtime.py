@@ -36,7 +36,6 @@ from rag.errors import ContextLengthError, EndpointError, EndpointUnreachableErr
 from rag.modelbuild import read_context_length
 
 APP_NAME = "rag"
-ROLES = ("system", "developer", "user", "assistant")
 
 
 @dataclass(frozen=True)

@@ -28,13 +28,13 @@ Trade-offs:
   whose CPU time on a small machine comes out of the model's (docs/benchmarks.md). 0 sends
   one event per token.
 - ``<data_dir>/serve.json`` (pid, url, models) lets other processes find and reuse a
-  running server (``find_running``) instead of loading the model a second time.
+  running server instead of loading the model a second time (``rag.launcher``).
+- The wire format (request validation, errors, events) is ``rag.protocol``, shared with the client.
 """
 
 from __future__ import annotations
 
 import contextlib
-import http.client
 import json
 import logging
 import os
@@ -42,142 +42,25 @@ import queue
 import select
 import signal
 import socket
-import subprocess
-import sys
 import threading
 import time
-import uuid
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
-from rag.config import Settings, load_settings
-from rag.errors import (
-    ContextLengthError,
-    EndpointError,
-    EndpointTimeoutError,
-    ModelBuildError,
-    RagError,
-    UnknownModelError,
-)
+from rag.config import Settings
+from rag.errors import ContextLengthError, EndpointError, ModelBuildError, RagError, UnknownModelError
+from rag.launcher import DEFAULT_HOST, find_running, remove_state, state_path, write_state
 from rag.modelbuild import DEFAULT_MODEL, is_built
-from rag.runtime import ROLES, ChatRuntime, ChatStream
+from rag.protocol import DONE_EVENT, APIError, ChatRequest, encode_event, envelope, parse_chat_request
+from rag.runtime import ChatRuntime, ChatStream
 
 log = logging.getLogger("rag.server")
 
-DEFAULT_HOST = "127.0.0.1"
-STATE_FILE = "serve.json"
 MAX_BODY_BYTES = 16 * 1024 * 1024
 OWNED_BY = "rag (Foundry Local runtime)"
-
-
-# -- request validation (pure) ---------------------------------------------------------------
-
-
-class APIError(Exception):
-    """An error answered with OpenAI's shape: ``{"error": {"message", "type", "param", "code"}}``."""
-
-    def __init__(
-        self, status: int, message: str, *, type_: str = "invalid_request_error", param: str | None = None,
-        code: str | None = None,
-    ) -> None:  # fmt: skip
-        super().__init__(message)
-        self.status = status
-        self.message = message
-        self.type = type_
-        self.param = param
-        self.code = code
-
-    def body(self) -> dict[str, Any]:
-        return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
-
-
-@dataclass(frozen=True)
-class ChatRequest:
-    model: str
-    messages: list[dict[str, str]]
-    stream: bool = False
-    include_usage: bool = False
-    max_tokens: int | None = None
-    temperature: float | None = None
-
-
-def resolve_model(name: str, available: Sequence[str]) -> str | None:
-    """Exact id, else the one id whose name (before ``:version``) matches.
-
-    >>> resolve_model("smollm2-135m", ["smollm2-135m:1"]), resolve_model("x", ["smollm2-135m:1"])
-    ('smollm2-135m:1', None)
-    """
-    if name in available:
-        return name
-    matches = [model_id for model_id in available if model_id.split(":", 1)[0] == name]
-    return matches[0] if len(matches) == 1 else None
-
-
-def _text_of(content: Any, index: int) -> str:
-    if isinstance(content, str):
-        return content
-    if isinstance(content, list):
-        parts = []
-        for part in content:
-            if not (isinstance(part, dict) and part.get("type") == "text" and isinstance(part.get("text"), str)):
-                raise APIError(400, f"messages[{index}].content: only text parts are supported", param="messages")
-            parts.append(part["text"])
-        return "".join(parts)
-    raise APIError(400, f"messages[{index}].content must be a string or a list of text parts", param="messages")
-
-
-def parse_chat_request(body: bytes, available: Sequence[str]) -> ChatRequest:
-    """Validate a ``/v1/chat/completions`` body; raise ``APIError`` as OpenAI would."""
-    try:
-        data = json.loads(body)
-    except (ValueError, UnicodeDecodeError) as exc:
-        raise APIError(400, f"We could not parse the JSON body of your request ({exc}).") from exc
-    if not isinstance(data, dict):
-        raise APIError(400, "The request body must be a JSON object.")
-    model = data.get("model")
-    if not isinstance(model, str) or not model:
-        raise APIError(400, "You must provide a model parameter.", param="model", code="missing_required_parameter")
-    raw_messages = data.get("messages")
-    if not isinstance(raw_messages, list) or not raw_messages:
-        raise APIError(
-            400, "You must provide a non-empty messages array.", param="messages", code="missing_required_parameter"
-        )
-    messages = []
-    for index, message in enumerate(raw_messages):
-        if not isinstance(message, dict) or message.get("role") not in ROLES:
-            raise APIError(
-                400, f"messages[{index}].role must be one of {', '.join(ROLES)}", param=f"messages[{index}].role"
-            )
-        messages.append({"role": message["role"], "content": _text_of(message.get("content"), index)})
-    stream = data.get("stream", False)
-    if not isinstance(stream, bool):
-        raise APIError(400, "stream must be a boolean", param="stream")
-    options = data.get("stream_options") or {}
-    include_usage = isinstance(options, dict) and options.get("include_usage") is True
-    max_tokens = data.get("max_completion_tokens", data.get("max_tokens"))
-    if max_tokens is not None and (not isinstance(max_tokens, int) or isinstance(max_tokens, bool) or max_tokens < 1):
-        raise APIError(400, "max_tokens must be a positive integer", param="max_tokens")
-    temperature = data.get("temperature")
-    if temperature is not None and (
-        not isinstance(temperature, (int, float)) or isinstance(temperature, bool) or not 0 <= temperature <= 2
-    ):
-        raise APIError(400, "temperature must be a number between 0 and 2", param="temperature")
-    if data.get("n", 1) != 1:
-        raise APIError(400, "only n=1 is supported", param="n")
-    resolved = resolve_model(model, available)
-    if resolved is None:
-        raise APIError(
-            404,
-            f"The model '{model}' does not exist or is not loaded. Available models: {', '.join(available) or 'none'}.",
-            param="model",
-            code="model_not_found",
-        )
-    return ChatRequest(resolved, messages, stream, include_usage, max_tokens,
-                       None if temperature is None else float(temperature))  # fmt: skip
 
 
 # -- serialising generations ------------------------------------------------------------------
@@ -397,7 +280,7 @@ class ChatHandler(BaseHTTPRequestHandler):
         text = "".join(pieces)
         self._log_generation(request, stream, started)
         body = {
-            **self._envelope("chat.completion", request.model),
+            **envelope("chat.completion", request.model),
             "choices": [
                 {
                     "index": 0,
@@ -410,11 +293,11 @@ class ChatHandler(BaseHTTPRequestHandler):
         self._json(200, body)
 
     def _stream(self, request: ChatRequest, stream: ChatStream) -> None:
-        envelope = self._envelope("chat.completion.chunk", request.model)
+        head = envelope("chat.completion.chunk", request.model)
         extra = {"usage": None} if request.include_usage else {}
 
         def chunk(delta: dict[str, str], finish_reason: str | None = None) -> dict[str, Any]:
-            return {**envelope, "choices": [{"index": 0, "delta": delta, "finish_reason": finish_reason}], **extra}
+            return {**head, "choices": [{"index": 0, "delta": delta, "finish_reason": finish_reason}], **extra}
 
         self.close_connection = True  # the stream ends when the connection does
         self.send_response(200)
@@ -435,8 +318,8 @@ class ChatHandler(BaseHTTPRequestHandler):
                 pieces.close()  # stops its reader before ``stream`` is closed
             self._event(chunk({}, stream.finish_reason or "stop"))
             if request.include_usage:
-                self._event({**envelope, "choices": [], "usage": _usage(stream)})
-            self.wfile.write(b"data: [DONE]\n\n")
+                self._event({**head, "choices": [], "usage": _usage(stream)})
+            self.wfile.write(DONE_EVENT)
             self._log_generation(request, stream, started)
         except (BrokenPipeError, ConnectionResetError, TimeoutError) as exc:
             log.info("client %s went away mid-stream (%s): generation stopped", self.client_address[0], exc)
@@ -447,10 +330,7 @@ class ChatHandler(BaseHTTPRequestHandler):
     # plumbing
 
     def _event(self, data: dict[str, Any]) -> None:
-        self.wfile.write(b"data: " + json.dumps(data, ensure_ascii=False).encode("utf-8") + b"\n\n")
-
-    def _envelope(self, kind: str, model: str) -> dict[str, Any]:
-        return {"id": f"chatcmpl-{uuid.uuid4().hex[:24]}", "object": kind, "created": int(time.time()), "model": model}
+        self.wfile.write(encode_event(data))
 
     def _model_card(self, model_id: str) -> dict[str, Any]:
         return {
@@ -515,68 +395,6 @@ def make_server(
 # -- process lifecycle ---------------------------------------------------------------------------
 
 
-def state_path(data_dir: Path) -> Path:
-    return data_dir / STATE_FILE
-
-
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
-def check_health(url: str, *, timeout: float = 2.0) -> bool:
-    """``GET /health`` on the server whose base URL (``.../v1``) is given; no proxy, loopback-safe."""
-    parts = urlsplit(url)
-    if not parts.hostname or not parts.port:
-        return False
-    connection = http.client.HTTPConnection(parts.hostname, parts.port, timeout=timeout)
-    try:
-        connection.request("GET", "/health")
-        response = connection.getresponse()
-        return response.status == 200 and json.loads(response.read()).get("status") == "ok"
-    except (OSError, ValueError, http.client.HTTPException):
-        return False
-    finally:
-        connection.close()
-
-
-def read_state(data_dir: Path) -> dict[str, Any] | None:
-    try:
-        state = json.loads(state_path(data_dir).read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return None
-    return state if isinstance(state, dict) else None
-
-
-def find_running(data_dir: Path) -> str | None:
-    """The URL (``http://127.0.0.1:PORT/v1``) of a live server for this data dir, if any."""
-    state = read_state(data_dir)
-    if not state or not isinstance(state.get("pid"), int) or not isinstance(state.get("url"), str):
-        return None
-    if not _pid_alive(state["pid"]) or not check_health(state["url"]):
-        return None
-    return str(state["url"])
-
-
-def _write_state(path: Path, state: dict[str, Any]) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(state, indent=2) + "\n", encoding="utf-8")
-    os.replace(tmp, path)
-
-
-def _remove_state(path: Path) -> None:
-    state = read_state(path.parent)
-    if state and state.get("pid") == os.getpid():
-        with contextlib.suppress(OSError):
-            path.unlink()
-
-
 def default_model_sources(settings: Settings) -> list[str]:
     """What to load when no model directory is named: every built model, the one named by
     ``RAG_MODEL`` (or the default offline model) first; or ``RAG_MODEL`` as a Foundry catalog
@@ -625,7 +443,7 @@ def serve(
             model_id = runtime.load(source) if Path(source).is_dir() else runtime.load_alias(source)
             log.info("loaded %s in %.1f s", model_id, time.perf_counter() - started)
         httpd = make_server(runtime, host, port, flush_ms=settings.serve_flush_ms)
-        _write_state(path, {"pid": os.getpid(), "url": httpd.url, "models": runtime.models()})
+        write_state(path, {"pid": os.getpid(), "url": httpd.url, "models": runtime.models()})
         if threading.current_thread() is threading.main_thread():
             server = httpd
             signal.signal(signal.SIGTERM, lambda *_: threading.Thread(target=server.shutdown, daemon=True).start())
@@ -636,115 +454,8 @@ def serve(
     except KeyboardInterrupt:
         log.info("interrupted")
     finally:
-        _remove_state(path)
+        remove_state(path)
         if httpd is not None:
             httpd.server_close()
         if owns_runtime:
             runtime.close()
-
-
-@contextlib.contextmanager
-def _start_lock(data_dir: Path) -> Iterator[None]:
-    """Only one process at a time decides whether to start a server for a data dir."""
-    data_dir.mkdir(parents=True, exist_ok=True)
-    with open(data_dir / "serve.lock", "a+b") as handle:
-        try:
-            import fcntl
-
-            fcntl.flock(handle, fcntl.LOCK_EX)
-        except ImportError:  # Windows: no advisory lock; a rare double start only costs memory
-            pass
-        yield
-
-
-def start_background(
-    settings: Settings,
-    *,
-    model_dirs: Sequence[Path | str] | None = None,
-    host: str = DEFAULT_HOST,
-    timeout: float = 180.0,
-) -> tuple[str, Callable[[], None]]:
-    """Reuse a running server or start one in a subprocess; return ``(url, stop)``.
-
-    ``stop()`` ends the subprocess this call started (a no-op for a reused server).
-    Its output goes to ``<data_dir>/serve.log``.
-    """
-    data_dir = settings.data_dir
-    with _start_lock(data_dir):
-        url = find_running(data_dir)
-        if url:
-            return url, lambda: None
-        command = [sys.executable, "-m", "rag.server", "--host", host, "--port", "0", "--data-dir", str(data_dir)]
-        for model_dir in model_dirs or []:
-            command += ["--model-dir", str(model_dir)]
-        if settings.model and not model_dirs:
-            command += ["--model", settings.model]
-        package_root = str(Path(__file__).resolve().parent.parent)
-        env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [package_root, os.environ.get("PYTHONPATH")]))}
-        log_path = data_dir / "serve.log"
-        with open(log_path, "ab") as log_file:
-            process = subprocess.Popen(
-                command, stdout=log_file, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env
-            )
-
-        def stop() -> None:
-            stop_process(process)
-
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if process.poll() is not None:
-                raise EndpointError(
-                    f"the model server exited with code {process.returncode}: {_last_line(log_path)} "
-                    f"(log: {log_path})"
-                )
-            state = read_state(data_dir)
-            if state and state.get("pid") == process.pid and check_health(str(state.get("url")), timeout=1.0):
-                return str(state["url"]), stop
-            time.sleep(0.2)
-        stop()
-        raise EndpointTimeoutError(f"the model server did not become ready within {timeout:.0f} s (log: {log_path})")
-
-
-def stop_process(process: subprocess.Popen[Any], *, timeout: float = 15.0) -> None:
-    """Ask a child process to stop (SIGTERM), kill it if it has not within ``timeout``, and reap it."""
-    if process.poll() is None:
-        process.terminate()
-        try:
-            process.wait(timeout=timeout)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
-
-
-def _last_line(path: Path) -> str:
-    try:
-        lines = [line for line in path.read_text(encoding="utf-8", errors="replace").splitlines() if line.strip()]
-    except OSError:
-        return "(no log)"
-    return lines[-1].strip() if lines else "(empty log)"
-
-
-def main(argv: list[str] | None = None) -> int:
-    """``python -m rag.server [--host H] [--port N] [--data-dir D] [--model-dir DIR ...] [--model NAME]``."""
-    import argparse
-
-    parser = argparse.ArgumentParser(prog="python -m rag.server", description="Serve the local chat model.")
-    parser.add_argument("--host", default=DEFAULT_HOST)
-    parser.add_argument("--port", type=int, default=0, help="0: any free port")
-    parser.add_argument("--data-dir", type=Path, default=None)
-    parser.add_argument("--model-dir", action="append", default=None, help="an ONNX GenAI model directory")
-    parser.add_argument("--model", default=None, help="a built model name or Foundry catalog alias")
-    parser.add_argument("-v", "--verbose", action="store_true")
-    args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(message)s")
-    try:
-        settings = load_settings(data_dir=args.data_dir, model=args.model)
-        serve(settings, host=args.host, port=args.port, model_dirs=args.model_dir)
-    except RagError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 1
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

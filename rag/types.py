@@ -2,6 +2,7 @@
 
 A file becomes ``Document``s (one per PDF page, or per file), documents become ``Chunk``s,
 a search returns ``Hit``s. Paths are POSIX strings relative to the corpus directory.
+A conversation is ``Message``s; a model's streamed answer is ``ChatDelta``s then one ``ChatDone``.
 """
 
 from __future__ import annotations
@@ -84,3 +85,33 @@ class IndexReport:
     @property
     def changed(self) -> bool:
         return bool(self.added or self.updated or self.removed)
+
+
+@dataclass(frozen=True)
+class Message:
+    """One turn of a conversation, as chat-completions endpoints take it."""
+
+    role: str
+    content: str
+
+
+@dataclass(frozen=True)
+class ChatDelta:
+    """A piece of the answer's text, in order."""
+
+    text: str
+
+
+@dataclass(frozen=True)
+class ChatDone:
+    """The end of an answer: the last item of every stream.
+
+    ``finish_reason`` is ``None`` when the server never said (a Foundry Local quirk).
+    """
+
+    finish_reason: str | None
+    usage: dict[str, int] | None
+    model: str | None
+
+
+ChatEvent = ChatDelta | ChatDone

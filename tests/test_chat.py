@@ -11,18 +11,7 @@ from typing import Any
 import httpx
 import pytest
 
-from rag.chat import (
-    NO_MODELS_HINT,
-    ChatClient,
-    ChatDelta,
-    ChatDone,
-    ChatEvent,
-    Message,
-    decode_payload,
-    error_message,
-    parse_sse_lines,
-    pick_model,
-)
+from rag.chat import NO_MODELS_HINT, ChatClient
 from rag.errors import (
     ConfigError,
     ContextLengthError,
@@ -32,7 +21,8 @@ from rag.errors import (
     EndpointUnreachableError,
     UnknownModelError,
 )
-from tests.apphost import free_port, http_server, send_body
+from rag.types import ChatDelta, ChatDone, ChatEvent, Message
+from tests.sse import chunk
 
 BASE = "http://127.0.0.1:5273/v1"
 CHAT_URL = "http://127.0.0.1:5273/v1/chat/completions"
@@ -69,14 +59,6 @@ class FakeStream(httpx.AsyncByteStream):
 
     async def aclose(self) -> None:
         self.closed = True
-
-
-def chunk(content: str | None = None, *, finish: str | None = None, **fields: Any) -> bytes:
-    """One OpenAI-style stream event, as bytes."""
-    delta = {} if content is None else {"content": content}
-    body = {"id": "c1", "object": "chat.completion.chunk", "model": MODEL,
-            "choices": [{"index": 0, "delta": delta, "finish_reason": finish}], **fields}  # fmt: skip
-    return f"data: {json.dumps(body)}\n\n".encode()
 
 
 USAGE = {"prompt_tokens": 12, "completion_tokens": 2, "total_tokens": 14}
@@ -338,15 +320,6 @@ def test_list_models() -> None:
 )
 def test_resolve_model_matches_ids_and_aliases(name: str, expected: str) -> None:
     assert resolve(name, FOUNDRY_IDS) == expected
-
-
-def test_alias_prefers_cpu_then_highest_version() -> None:
-    ids = ["phi-4-mini-instruct-cuda-gpu:9", "phi-4-mini-instruct-generic-cpu:2",
-           "phi-4-mini-instruct-generic-cpu:10"]  # fmt: skip
-    assert pick_model("phi-4-mini", ids) == "phi-4-mini-instruct-generic-cpu:10"
-    assert pick_model("phi-4-mini", ids[:1]) == "phi-4-mini-instruct-cuda-gpu:9"
-    assert pick_model("phi-4", ["phi-4-mini-instruct-generic-cpu:1"]) is not None
-    assert pick_model("phi-4-mini", ["phi-4-instruct-generic-cpu:1"]) is None
 
 
 def test_empty_model_name_takes_the_only_loaded_model() -> None:
@@ -663,31 +636,7 @@ def test_owns_only_the_client_it_made() -> None:
     assert asyncio.run(main()) == (True, False)
 
 
-# --- pure helpers ---------------------------------------------------------------------------
-
-
-def test_parse_sse_lines() -> None:
-    lines = [": ping", "data: {\"a\": 1}", "", "event: x", "data:[DONE]", "", "data: {\"b\": 2}"]
-    assert list(parse_sse_lines(lines)) == [{"a": 1}, "[DONE]", {"b": 2}]
-
-
-def test_decode_payload_rejects_non_json() -> None:
-    with pytest.raises(ValueError, match="not JSON"):
-        decode_payload("hello")
-
-
-@pytest.mark.parametrize(
-    "body, expected",
-    [
-        (b'{"error": {"message": "boom"}}', "boom"),
-        (b'{"error": "flat"}', "flat"),
-        (b'{"detail": "fastapi style"}', "fastapi style"),
-        (b"  plain\n text ", "plain text"),
-        (b"", ""),
-    ],
-)
-def test_error_message(body: bytes, expected: str) -> None:
-    assert error_message(body) == expected
+# --- proxies ----------------------------------------------------------------------------------
 
 
 @pytest.mark.parametrize("base_url, trusts_env", [(BASE, False), ("http://localhost:1/v1", False),
@@ -698,98 +647,3 @@ def test_local_endpoints_bypass_environment_proxies(base_url: str, trusts_env: b
             return chat._client.trust_env
 
     assert asyncio.run(main()) is trusts_env
-
-
-# --- preconnect -----------------------------------------------------------------------------
-
-
-def test_preconnect_opens_the_connection_the_next_request_uses() -> None:
-    """Against a real HTTP/1.1 server on a socket: the answer's request, asked after a pause,
-    goes over the connection ``preconnect`` opened (one connection accepted, two requests served)."""
-    from http.server import BaseHTTPRequestHandler
-
-    connections: list[int] = []
-    paths: list[str] = []
-
-    class Handler(BaseHTTPRequestHandler):
-        protocol_version = "HTTP/1.1"
-
-        def setup(self) -> None:
-            super().setup()
-            connections.append(1)
-
-        def log_message(self, *args: Any) -> None:
-            pass
-
-        def _reply(self, body: dict[str, Any]) -> None:
-            paths.append(f"{self.command} {self.path}")
-            send_body(self, json.dumps(body).encode())
-
-        def do_GET(self) -> None:  # noqa: N802
-            self._reply({"object": "list", "data": [{"id": MODEL, "object": "model"}]})
-
-        def do_POST(self) -> None:  # noqa: N802
-            self.rfile.read(int(self.headers["content-length"]))
-            self._reply({"choices": [{"index": 0, "message": {"role": "assistant", "content": "Hello."}}]})
-
-    async def main(url: str) -> str:
-        async with ChatClient(url) as chat:
-            await chat.preconnect()
-            await asyncio.sleep(6)  # a pause before the question, longer than httpx's default 5 s
-            text, _ = await chat.complete(QUESTION, model=MODEL)
-            return text
-
-    with http_server(Handler) as url:
-        assert asyncio.run(main(url)) == "Hello."
-    assert paths == ["GET /v1/models", "POST /v1/chat/completions"]
-    assert len(connections) == 1
-
-
-def test_preconnect_to_nothing_is_silent_and_the_request_still_reports() -> None:
-    async def main() -> None:
-        async with ChatClient(f"http://127.0.0.1:{free_port()}/v1", connect_retries=0) as chat:  # nothing listens
-            await chat.preconnect()  # no exception
-            with pytest.raises(EndpointUnreachableError):
-                await chat.complete(QUESTION, model=MODEL)
-
-    asyncio.run(main())
-
-
-def test_on_sent_is_called_once_the_request_is_written_before_any_answer() -> None:
-    """Against a real socket server that holds its answer: ``on_sent`` comes when the server
-    has the whole request and nothing has been answered yet; the answer then streams as usual."""
-    import threading
-    from http.server import BaseHTTPRequestHandler
-
-    received = threading.Event()
-    release = threading.Event()
-
-    class Handler(BaseHTTPRequestHandler):
-        protocol_version = "HTTP/1.1"
-
-        def log_message(self, *args: Any) -> None:
-            pass
-
-        def do_POST(self) -> None:  # noqa: N802
-            self.rfile.read(int(self.headers["content-length"]))
-            received.set()
-            release.wait(10)
-            send_body(self, chunk("Hi") + chunk(finish="stop") + b"data: [DONE]\n\n", "text/event-stream")
-
-    async def main(url: str) -> list[ChatEvent]:
-        written = asyncio.Event()
-        async with ChatClient(url) as chat:
-            events = chat.stream(QUESTION, model=MODEL, on_sent=written.set)
-            first = asyncio.ensure_future(anext(events))  # type: ignore[arg-type]
-            await asyncio.wait_for(written.wait(), 10)
-            assert await asyncio.to_thread(received.wait, 10)  # the server has it all ...
-            assert not first.done()  # ... and has answered nothing yet
-            release.set()
-            return [await first] + [event async for event in events]  # type: ignore[attr-defined]
-
-    with http_server(Handler) as url:
-        try:
-            events = asyncio.run(main(url))
-        finally:
-            release.set()
-    assert events[0] == ChatDelta("Hi") and isinstance(events[-1], ChatDone)

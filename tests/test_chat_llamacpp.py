@@ -23,7 +23,7 @@ import pytest
 from rag.chat import ChatClient, ChatDelta, ChatDone, ChatEvent, Message
 from rag.errors import ContextLengthError
 from rag.modelbuild import project_root
-from rag.server import stop_process
+from rag.launcher import stop_process
 from tests.apphost import free_port
 
 pytestmark = pytest.mark.slow

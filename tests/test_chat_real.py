@@ -26,7 +26,7 @@ from rag.chat import ChatClient, ChatDelta, ChatDone, ChatEvent, Message
 from rag.config import Settings
 from rag.errors import ContextLengthError, UnknownModelError
 from rag.modelbuild import DEFAULT_CONTEXT_WINDOW, build_model, find_build_python, is_built, project_root
-from rag.server import start_background
+from rag.launcher import start_background
 
 pytestmark = [
     pytest.mark.slow,

@@ -83,26 +83,24 @@ def test_real_cli_on_the_sample_corpus(tmp_path: Path) -> None:
     assert ".pdf, page" in hits.splitlines()[0]
 
 
-def fake_endpoint(answer_parts: list[str]):  # type: ignore[no-untyped-def]
-    import json
-
+def fake_endpoint(monkeypatch: pytest.MonkeyPatch, answer_parts: list[str]) -> list[str]:
+    """RAG_BASE_URL set, and its HTTP answered by a fake (the router builds its transports from
+    httpx.AsyncHTTPTransport); returns the paths requested."""
     import httpx
 
-    from rag.chat import ChatClient
-    from rag.endpoints import Endpoint
+    from tests.sse import sse, sse_response
+
+    asked: list[str] = []
 
     def handler(request: httpx.Request) -> httpx.Response:
-        events = [{"choices": [{"index": 0, "delta": {"content": p}, "finish_reason": None}]} for p in answer_parts]
-        events.append({"choices": [{"index": 0, "delta": {}, "finish_reason": "stop"}]})
-        body = "".join(f"data: {json.dumps(e)}\n\n" for e in events) + "data: [DONE]\n\n"
-        return httpx.Response(200, content=body.encode(), headers={"content-type": "text/event-stream"})
+        asked.append(request.url.path)
+        if request.url.path.endswith("/models"):
+            return httpx.Response(200, json={"data": [{"id": "fake-model"}]})
+        return sse_response(sse(*answer_parts))
 
-    client = ChatClient("http://127.0.0.1:9/v1", client=httpx.AsyncClient(transport=httpx.MockTransport(handler)))
-
-    async def open_endpoint(settings):  # type: ignore[no-untyped-def]
-        return Endpoint("http://127.0.0.1:9/v1", "fake-model", ["fake-model"], 4096, True, client, "settings")
-
-    return open_endpoint
+    monkeypatch.setenv("RAG_BASE_URL", "http://127.0.0.1:9/v1")
+    monkeypatch.setattr(httpx, "AsyncHTTPTransport", lambda *a, **k: httpx.MockTransport(handler))
+    return asked
 
 
 def test_ask_streams_a_cited_answer(
@@ -110,7 +108,7 @@ def test_ask_streams_a_cited_answer(
 ) -> None:
     assert cli.main(["index"]) == 0
     capsys.readouterr()
-    monkeypatch.setattr("rag.endpoints.open_endpoint", fake_endpoint(["Owls hunt ", "at night [1]", " [4]."]))
+    fake_endpoint(monkeypatch, ["Owls hunt ", "at night [1]", " [4]."])
     assert cli.main(["ask", "when do owls hunt", "--min-relevance", "0.1"]) == 0
     out = capsys.readouterr().out
     assert out.startswith("Owls hunt at night [1] [4].\n")
@@ -123,7 +121,8 @@ def test_ask_without_relevant_passages_does_not_call_the_model(
 ) -> None:
     assert cli.main(["index"]) == 0
     capsys.readouterr()
-    monkeypatch.setattr("rag.endpoints.open_endpoint", lambda settings: pytest.fail("the model was asked"))
+    asked = fake_endpoint(monkeypatch, ["never"])
     assert cli.main(["ask", "quantum chromodynamics lattice gauge"]) == 0
     out = capsys.readouterr().out
     assert out.startswith("Your documents don't seem to contain the answer")
+    assert asked == []  # the model was not asked (nor even listed)

@@ -9,17 +9,10 @@ import httpx
 import pytest
 
 import rag.cli as cli
-from rag.compare import (
-    CompareResult,
-    Question,
-    Run,
-    bar_chart_svg,
-    contains_expected,
-    load_questions,
-    render_markdown,
-    summarise,
-)
+from rag.compare import CompareResult, Question, Run, contains_expected, load_questions, summarise
+from rag.report import bar_chart_svg, render_markdown
 from tests.fakes import FakeEmbedder
+from tests.sse import sse as sse_body
 
 ANSWERS = {
     "good-model": "Turn the pile every 2 to 3 weeks [1].",
@@ -28,13 +21,9 @@ ANSWERS = {
 
 
 def sse(text: str, model: str) -> bytes:
-    events = [{"model": model, "choices": [{"index": 0, "delta": {"content": w}, "finish_reason": None}]}
-              for w in text.split(" ")]  # fmt: skip
-    events = [{**e, "choices": [{**e["choices"][0], "delta": {"content": (" " if i else "") + e["choices"][0]["delta"]["content"]}}]}
-              for i, e in enumerate(events)]  # fmt: skip
-    events.append({"model": model, "choices": [], "usage": {"prompt_tokens": 50, "completion_tokens": 9, "total_tokens": 59}})
-    events.append({"model": model, "choices": [{"index": 0, "delta": {}, "finish_reason": "stop"}]})
-    return ("".join(f"data: {json.dumps(e)}\n\n" for e in events) + "data: [DONE]\n\n").encode()
+    """``text`` streamed word by word, with usage."""
+    words = [w if i == 0 else " " + w for i, w in enumerate(text.split(" "))]
+    return sse_body(*words, model=model, usage={"prompt_tokens": 50, "completion_tokens": 9, "total_tokens": 59})
 
 
 @pytest.fixture

@@ -4,12 +4,12 @@ The app runs in a subprocess with its corpus and index in a temp folder, the rea
 and a scripted OpenAI-compatible server (below) that streams answers citing the passages it
 was sent. Screenshots of each step go to ``test-artifacts/e2e/``.
 
-The real-model variant (``test_real_model_answers_in_the_browser``) needs ``rag.endpoints``.
+The real-model variant (``test_real_model_answers_in_the_browser``) answers with the built
+default model in the embedded runtime.
 """
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import re
 import shutil
@@ -337,29 +337,6 @@ def test_follow_up_is_rewritten_visibly(chat: Chat) -> None:
     chat.shot("rewrite")
 
 
-def test_a_first_question_is_sent_to_be_embedded_while_it_is_typed(chat: Chat) -> None:
-    """public/draft.js, loaded by Chainlit as the page's custom script, posts the question 50 ms
-    after the last keystroke, and the app starts embedding it; nothing for a follow-up."""
-    drafts: list[Any] = []
-    chat.page.on("request", lambda r: drafts.append(r) if r.url.endswith("/rag/draft") else None)
-    question = "What does the First Amendment protect?"
-
-    def whole(response: Any) -> bool:  # (a machine that stalls mid-typing may also send a part)
-        return response.url.endswith("/rag/draft") and (response.request.post_data_json or {}).get("text") == question
-
-    with chat.page.expect_response(whole) as sent:
-        chat.page.type("#chat-input", question, delay=10)
-    assert sent.value.status == 202 and sent.value.json() == {"embedding": True}
-    chat.page.press("#chat-input", "Enter")
-    reply = chat.last_reply(after=0)
-    assert "From " in reply.inner_text()
-    sent_before = len(drafts)
-    chat.page.type("#chat-input", "and the Second?", delay=10)
-    chat.page.wait_for_timeout(500)
-    assert len(drafts) == sent_before  # a follow-up is rewritten first: its draft would be of no use
-    chat.shot("typed")
-
-
 def test_out_of_corpus_question_gets_the_gate_message(chat: Chat, fake_openai: FakeOpenAI) -> None:
     asked = len(fake_openai.chats())
     reply = chat.ask("How do I configure a BGP route reflector on a Cisco router?")
@@ -491,7 +468,6 @@ def test_settings_change_the_model_for_the_next_question(chat: Chat, fake_openai
     assert fake_openai.chats()[-1]["model"] == MODELS[1]
 
 
-@pytest.mark.skipif(importlib.util.find_spec("rag.endpoints") is None, reason="rag.endpoints is not written yet")
 def test_real_model_answers_in_the_browser(browser: Any, tmp_path: Path) -> None:
     from rag.modelbuild import DEFAULT_MODEL, is_built
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import threading
 
 import numpy as np
 import pytest
@@ -10,7 +9,7 @@ import pytest
 from pathlib import Path
 
 from rag.config import Settings
-from rag.embedding import QueriesAhead, SentenceTransformerEmbedder, create_embedder, embedder_for, normalize
+from rag.embedding import ProgressEmbedder, SentenceTransformerEmbedder, create_embedder, embedder_for, normalize
 from rag.errors import ConfigError
 from tests.fakes import FakeEmbedder
 
@@ -42,55 +41,23 @@ def test_batches_hold_texts_of_like_length_and_rows_keep_input_order() -> None:
     assert single.embedded == sorted(texts, key=len, reverse=True)
 
 
-def test_queries_ahead_hand_over_what_was_started_once() -> None:
-    fake = FakeEmbedder()
-    release = threading.Event()
+def test_progress_counts_passages_embedded_not_queries() -> None:
+    asked: list[str] = []
 
-    def slow(text: str) -> np.ndarray:
-        release.wait(5)
-        return fake.embed_query(text)
+    class QueryAware(FakeEmbedder):
+        def embed_query(self, text: str) -> np.ndarray:
+            asked.append(text)
+            return super().embed_query(text)
 
-    ahead = QueriesAhead(slow)
-    ahead.start("how often?")
-    ahead.start("how often?")  # the same text again: still one embedding
-    assert ahead.take("something else") is None  # never started: the caller embeds it
-    threading.Timer(0.05, release.set).start()
-    vector = ahead.take("how often?")  # waits for the one under way
-    assert vector is not None and np.allclose(vector, FakeEmbedder().embed_query("how often?"))
-    assert fake.embedded == ["how often?"]
-    assert ahead.take("how often?") is None  # handed over once
-
-
-def test_queries_ahead_keep_the_newest_and_leave_failures_to_the_caller() -> None:
-    def failing(text: str) -> np.ndarray:
-        if text == "bad":
-            raise RuntimeError("model fell over")
-        return FakeEmbedder().embed_query(text)
-
-    ahead = QueriesAhead(failing, keep=2)
-    ahead.start("bad")
-    assert ahead.take("bad") is None  # the caller's own embedding meets (and reports) the error
-    for text in ("one", "two", "three"):
-        ahead.start(text)
-    assert ahead.take("one") is None  # dropped with the oldest
-    assert ahead.take("two") is not None and ahead.take("three") is not None
-
-
-def test_pinned_queries_are_embedded_once_and_handed_out_each_time() -> None:
-    fake = FakeEmbedder()
-    ahead = QueriesAhead(fake.embed_query, keep=1)
-    ahead.pin(["What is the guide about?", "What does it say under Costs?"])
-    ahead.start("What is the guide about?")  # clicked: already there, not embedded again
-    for text in ("a typed one", "another"):  # the newest typed questions do not push them out
-        ahead.start(text)
-    for _ in range(3):
-        vector = ahead.take("What is the guide about?")
-        assert vector is not None and np.allclose(vector, FakeEmbedder().embed_query("What is the guide about?"))
-    ahead.pin(["What is the guide about?", "A new starter?"])  # the index changed: a new set
-    assert ahead.take("What does it say under Costs?") is None and ahead.take("A new starter?") is not None
-    ahead.take("What is the guide about?")
-    pinned = ("What is the guide about?", "What does it say under Costs?", "A new starter?")
-    assert [fake.embedded.count(text) for text in pinned] == [1, 1, 1]  # each embedded once
+    inner = QueryAware(batch_size=2)
+    progress = ProgressEmbedder(inner)
+    batches: list[int] = []
+    vectors = progress.embed(["a b", "c", "d e f"], on_batch=batches.append)
+    assert progress.embedded == 3 and batches == [2, 1]
+    assert np.allclose(vectors, FakeEmbedder().embed(["a b", "c", "d e f"]))
+    progress.embed_query("how often?")  # the inner embedder's own query path, not counted
+    assert asked == ["how often?"] and progress.embedded == 3
+    assert (progress.model_id, progress.dimension, progress.count_tokens("a b")) == ("fake-bow", 256, 4)
 
 
 def test_query_backend_setting_decides_the_query_path(tmp_path: Path) -> None:
@@ -130,7 +97,6 @@ def test_real_token_count_matches_the_models_tokenizer(real: SentenceTransformer
 
 
 @pytest.mark.slow
-@pytest.mark.slow
 def test_real_model_rows_follow_the_input_order_whatever_the_batching(real: SentenceTransformerEmbedder) -> None:
     texts = ["Short.", "A much longer sentence about lighthouses and their keepers.", "Mid-length text here."]
     together = real.embed(texts)
@@ -138,6 +104,7 @@ def test_real_model_rows_follow_the_input_order_whatever_the_batching(real: Sent
     np.testing.assert_allclose(together, alone, atol=1e-5)
 
 
+@pytest.mark.slow
 def test_real_model_really_truncates_past_its_window(real: SentenceTransformerEmbedder) -> None:
     # Why chunks must stay inside the window: words past 256 word-pieces change nothing.
     head = " ".join(["alpha"] * 300)

@@ -1,4 +1,4 @@
-"""The question-answering flow: a real index (fake embedder), a fake endpoint at the transport."""
+"""The one path of a question: a real index (fake embedder), a fake endpoint at the router's transport."""
 
 from __future__ import annotations
 
@@ -10,25 +10,17 @@ from typing import Any
 import httpx
 import pytest
 
-from rag.chat import ChatClient, ChatDelta, ChatDone, Message
+from rag.chat import ChatClient
 from rag.config import Settings
-from rag.errors import ContextLengthError
+from rag.errors import EndpointUnreachableError
 from rag.index import IndexStore
 from rag.indexing import index_params, sync_index
-from rag.pipeline import (
-    REWRITE_MAX_TOKENS,
-    Answer,
-    answer,
-    citations_in,
-    clean_rewrite,
-    normalize_citations,
-    retrieve,
-    rewrite_question,
-)
-from rag.prompting import SYSTEM_PROMPT, build_messages, count_message_tokens
+from rag.pipeline import AskOptions, Retrieved, Rewriting, Rewritten, ask, remember, retrieve
 from rag.retrieval import LiveIndex
-from rag.types import Chunk, Hit
+from rag.routing import Router
+from rag.types import ChatDelta, Message
 from tests.fakes import FakeEmbedder
+from tests.sse import sse as sse_body
 
 BASE = "http://127.0.0.1:5273/v1"
 MODEL = "fake-model"
@@ -52,12 +44,8 @@ def words(text: str) -> int:
     return len(text.split())
 
 
-def sse(*parts: str, finish: str | None = "stop") -> bytes:
-    events = [{"model": MODEL, "choices": [{"index": 0, "delta": {"content": p}, "finish_reason": None}]}
-              for p in parts]  # fmt: skip
-    events.append({"model": MODEL, "choices": [{"index": 0, "delta": {}, "finish_reason": finish}]})
-    body = "".join(f"data: {json.dumps(e)}\n\n" for e in events) + "data: [DONE]\n\n"
-    return body.encode()
+def sse(*parts: str) -> bytes:
+    return sse_body(*parts, model=MODEL)
 
 
 def completion(text: str) -> dict[str, Any]:
@@ -96,14 +84,6 @@ def indexed(settings: Settings) -> tuple[Settings, FakeEmbedder, LiveIndex]:
     sync_index(settings, embedder)
     live = LiveIndex(IndexStore(settings.index_dir), expected=index_params(settings, embedder))
     return settings, embedder, live
-
-
-def hit(rank: int, text: str, *, source: str = "guide.pdf", page: int | None = None, sim: float = 0.9) -> Hit:
-    return Hit(Chunk(f"c{rank}", source, text, 0, len(text), page=page), 1.0 / rank, rank, similarity=sim)
-
-
-async def drain(stream: Answer) -> list[ChatDelta | ChatDone]:
-    return [event async for event in stream]
 
 
 # --- retrieval and the gate -----------------------------------------------------------------
@@ -162,229 +142,137 @@ def test_retrieve_accepts_a_snapshot(indexed: tuple[Settings, FakeEmbedder, Live
     assert retrieve(snapshot, embedder, "largest planet", k=1, min_relevance=0.0).hits[0].chunk.source == "planets.md"
 
 
-# --- rewriting ------------------------------------------------------------------------------
-
-HISTORY = [Message("user", "What plans are there?"), Message("assistant", "Basic and Pro [1].")]
+# --- the whole path: ask() ------------------------------------------------------------------
 
 
-async def test_no_history_means_no_rewrite_and_no_request() -> None:
+HISTORY = [Message("user", "What plans are there?"), Message("assistant", "Basic and Pro.")]
+
+
+def routed(settings: Settings, endpoint: Endpoint) -> Router:
+    """A router over the one endpoint at RAG_BASE_URL, answered by ``endpoint`` (its /v1/models too)."""
+
+    async def handler(request: httpx.Request) -> httpx.Response:
+        if request.url.path.endswith("/models"):
+            return httpx.Response(200, json={"data": [{"id": MODEL, "context_length": 4096}, {"id": "other"}]})
+        return await endpoint(request)
+
+    s = settings.replace(base_url=BASE, connect_retries=0, endpoints_file=settings.data_dir / "none.toml")
+    return Router(s, transport=httpx.MockTransport(handler))
+
+
+async def run(question: str, history: list[Message], settings: Settings, embedder: FakeEmbedder, live: LiveIndex,
+              endpoint: Endpoint, **options: Any) -> list[Any]:  # fmt: skip
+    router = routed(settings, endpoint)
+    try:
+        opts = AskOptions(**{"min_relevance": 0.1, **options})
+        return [e async for e in ask(question, history, index=live, embedder=embedder, router=router, options=opts,
+                                     count=words)]  # fmt: skip
+    finally:
+        await router.aclose()
+
+
+async def test_a_question_is_retrieved_then_answered_with_the_passages_sent(
+    indexed: tuple[Settings, FakeEmbedder, LiveIndex],
+) -> None:
+    settings, embedder, live = indexed
+    endpoint = streaming("Turn it ", "every week [1].")
+    events = await run("how often to turn the compost pile", [], settings, embedder, live, endpoint, top_k=2)
+    kinds = [type(e).__name__ for e in events]
+    assert kinds == ["Retrieved", "Started", "ChatDelta", "ChatDelta", "ChatDone"]
+    found, answer = events[0].retrieval, events[1].answer
+    assert found.hits[0].chunk.source == "compost.md" and answer.hits == list(found.hits)
+    assert answer.text == "Turn it every week [1]." and answer.citations() == [1]
+    assert answer.route is not None and (answer.route.model, answer.route.endpoint) == (MODEL, "settings")
+    [body] = endpoint.requests
+    assert "[1] (compost.md" in body["messages"][-1]["content"] and body["model"] == MODEL
+
+
+async def test_nothing_relevant_stops_after_retrieval_without_asking_the_model(
+    indexed: tuple[Settings, FakeEmbedder, LiveIndex],
+) -> None:
+    settings, embedder, live = indexed
     endpoint = streaming("unused")
-    assert await rewrite_question(endpoint.client(), MODEL, [], "and the Pro?") == "and the Pro?"
+    events = await run("recipe for chocolate chip cookies", [], settings, embedder, live, endpoint, min_relevance=0.25)
+    assert len(events) == 1 and isinstance(events[0], Retrieved) and not events[0].retrieval.relevant
     assert endpoint.requests == []
 
 
-async def test_follow_up_is_rewritten_with_a_short_deterministic_request() -> None:
-    endpoint = Endpoint(lambda body: httpx.Response(200, json=completion("What does the Pro plan cost?")))
-    got = await rewrite_question(endpoint.client(), MODEL, HISTORY, "and what does it cost?")
-    assert got == "What does the Pro plan cost?"
-    [body] = endpoint.requests
-    assert body["model"] == MODEL and body["stream"] is False
-    assert body["temperature"] == 0.0 and body["max_tokens"] == REWRITE_MAX_TOKENS
-    assert "What plans are there?" in body["messages"][-1]["content"]
-    assert "and what does it cost?" in body["messages"][-1]["content"]
+async def test_a_follow_up_is_rewritten_and_the_standalone_question_retrieves(
+    indexed: tuple[Settings, FakeEmbedder, LiveIndex],
+) -> None:
+    settings, embedder, live = indexed
 
+    def reply(body: dict[str, Any]) -> httpx.Response:
+        if body["stream"] is False:
+            return httpx.Response(200, json=completion("What does the Pro plan cost?"))
+        return httpx.Response(200, content=sse("Twelve euros [1]."), headers={"content-type": "text/event-stream"})
 
-@pytest.mark.parametrize(
-    "reply",
-    [
-        lambda body: httpx.Response(500, json={"error": {"message": "model crashed"}}),
-        lambda body: httpx.Response(200, json=completion("")),
-        lambda body: httpx.Response(200, json=completion("The Pro plan costs twelve euros. " * 20)),
-        lambda body: httpx.Response(200, json=completion("Sure!\nHere is a rewrite:\nWhat?\nOr maybe:\nWhy?")),
-        lambda body: httpx.Response(200, content=b"not json", headers={"content-type": "text/plain"}),
-    ],
-    ids=["http-error", "empty", "overlong", "rambling", "garbage"],
-)
-async def test_rewrite_falls_back_to_the_question(reply: Callable[[dict[str, Any]], httpx.Response]) -> None:
     endpoint = Endpoint(reply)
-    assert await rewrite_question(endpoint.client(), MODEL, HISTORY, "and the Pro?") == "and the Pro?"
+    events = await run("and what does it cost?", HISTORY, settings, embedder, live, endpoint, model="other")
+    assert isinstance(events[0], Rewriting) and events[1] == Rewritten("and what does it cost?", "What does the Pro plan cost?")
+    assert events[2].retrieval.question == "What does the Pro plan cost?"
+    assert events[2].retrieval.hits[0].chunk.source == "pricing.md"
+    rewrite, answer = endpoint.requests
+    assert rewrite["model"] == answer["model"] == "other"  # the chat's chosen model, for both
+    assert [m["role"] for m in answer["messages"]] == ["system", "user", "assistant", "user"]
 
 
-async def test_rewrite_falls_back_when_the_endpoint_is_unreachable() -> None:
+async def test_a_dead_endpoint_is_raised_after_the_passages_are_known(
+    indexed: tuple[Settings, FakeEmbedder, LiveIndex],
+) -> None:
+    settings, embedder, live = indexed
+
     def refuse(request: httpx.Request) -> httpx.Response:
         raise httpx.ConnectError("connection refused", request=request)
 
-    client = ChatClient(BASE, client=httpx.AsyncClient(transport=httpx.MockTransport(refuse)), connect_retries=0)
-    assert await rewrite_question(client, MODEL, HISTORY, "and the Pro?") == "and the Pro?"
+    router = Router(settings.replace(base_url=BASE, connect_retries=0, endpoints_file=settings.data_dir / "no.toml"),
+                    transport=httpx.MockTransport(refuse))  # fmt: skip
+    seen: list[Any] = []
+    with pytest.raises(EndpointUnreachableError):
+        async for event in ask("how often to turn the compost pile", index=live, embedder=embedder, router=router,
+                               options=AskOptions(min_relevance=0.1), count=words):  # fmt: skip
+            seen.append(event)
+    assert [type(e) for e in seen] == [Retrieved] and seen[0].retrieval.relevant
+    await router.aclose()
 
 
-async def test_rewrite_falls_back_when_the_model_is_too_slow() -> None:
-    async def slow(request: httpx.Request) -> httpx.Response:
-        await asyncio.sleep(5)
-        return httpx.Response(200, json=completion("never"))
-
-    client = ChatClient(BASE, client=httpx.AsyncClient(transport=httpx.MockTransport(slow)))
-    assert await rewrite_question(client, MODEL, HISTORY, "and the Pro?", timeout=0.05) == "and the Pro?"
-
-
-@pytest.mark.parametrize(
-    ("text", "expected"),
-    [
-        ("What does the Pro plan cost?", "What does the Pro plan cost?"),
-        ('  "What does the Pro plan cost?"  ', "What does the Pro plan cost?"),
-        ("Standalone question: What does Pro cost?", "What does Pro cost?"),
-        ("Question: Wie teuer ist Pro? 🙂", "Wie teuer ist Pro? 🙂"),
-        ("   \n ", "and Pro?"),
-    ],
-)
-def test_clean_rewrite(text: str, expected: str) -> None:
-    assert clean_rewrite(text, "and Pro?") == expected
-
-
-# --- answering ------------------------------------------------------------------------------
-
-
-async def test_answer_streams_and_citations_match_the_passages_sent(
+async def test_closing_the_questions_events_closes_the_answers_stream(
     indexed: tuple[Settings, FakeEmbedder, LiveIndex],
 ) -> None:
-    _, embedder, live = indexed
-    found = retrieve(live, embedder, "how often to turn the compost pile", k=3, min_relevance=0.0)
-    endpoint = streaming("Turn it ", "every week [1]", " and [9].")
-    stream = answer(endpoint.client(), MODEL, found.question, found.hits, context_window=4096,
-                    max_answer_tokens=256, temperature=0.1, count=words)  # fmt: skip
-    events = await drain(stream)
-    assert [e.text for e in events if isinstance(e, ChatDelta)] == ["Turn it ", "every week [1]", " and [9]."]
-    assert events[-1] == ChatDone(finish_reason="stop", usage=None, model=MODEL)
-    assert stream.text == "Turn it every week [1] and [9]."
-    assert stream.hits == list(found.hits)
-    assert stream.citations() == [1]  # [9] was invented: no such passage was sent
-    assert stream.hits[0].chunk.source == "compost.md"
-    [body] = endpoint.requests
-    assert body["stream"] is True and body["temperature"] == 0.1 and body["max_tokens"] == 256
-    assert body["messages"][0] == {"role": "system", "content": SYSTEM_PROMPT}
-    assert "[1] (compost.md" in body["messages"][-1]["content"]
+    settings, embedder, live = indexed
+    closed = asyncio.Event()
+
+    class Endless(httpx.AsyncByteStream):
+        async def __aiter__(self) -> AsyncIterator[bytes]:
+            while True:
+                await asyncio.sleep(0.005)
+                yield sse_body("tok ", model=MODEL).split(b"\n\n")[0] + b"\n\n"
+
+        async def aclose(self) -> None:
+            closed.set()
+
+    endpoint = Endpoint(lambda body: httpx.Response(200, stream=Endless(), headers={"content-type": "text/event-stream"}))
+    router = routed(settings, endpoint)
+    events = ask("how often to turn the compost pile", index=live, embedder=embedder, router=router,
+                 options=AskOptions(min_relevance=0.1), count=words)  # fmt: skip
+    async for event in events:
+        if isinstance(event, ChatDelta):
+            break
+    await events.aclose()
+    assert closed.is_set()
+    await router.aclose()
 
 
-async def test_budget_drops_low_ranked_passages_and_citations_follow() -> None:
-    hits = [hit(r, " ".join(f"w{r}x{i}" for i in range(60))) for r in (1, 2, 3)]
-    two = count_message_tokens(build_messages("Why?", hits[:2]), words)
-    endpoint = streaming("See [1] and [2] and [3].")
-    stream = answer(endpoint.client(), MODEL, "Why?", hits, context_window=two + 100, max_answer_tokens=100,
-                    count=words)  # fmt: skip
-    await drain(stream)
-    assert [h.chunk.id for h in stream.hits] == ["c1", "c2"]
-    assert stream.citations() == [1, 2]
-    user = endpoint.requests[0]["messages"][-1]["content"]
-    assert "[2] (guide.pdf)" in user and "[3]" not in user
+def test_remember_keeps_the_last_turns_without_citation_numbers() -> None:
+    history: list[Message] = []
+    for i in range(10):
+        history = remember(history, f"q{i}", f"Answer {i} [1], see [2, 3].")
+    assert len(history) == 12 and history[0].role == "user"
+    assert history[-1] == Message("assistant", "Answer 9, see.")
 
 
-async def test_history_is_sent_between_system_prompt_and_question() -> None:
-    endpoint = streaming("Fine [1].")
-    stream = answer(endpoint.client(), MODEL, "And the Pro plan?", [hit(1, "Pro costs 12.")], HISTORY,
-                    context_window=4096, count=words)  # fmt: skip
-    await drain(stream)
-    roles = [m["role"] for m in endpoint.requests[0]["messages"]]
-    assert roles == ["system", "user", "assistant", "user"]
-
-
-async def test_answer_that_cannot_fit_raises_before_any_request() -> None:
-    endpoint = streaming("unused")
-    with pytest.raises(ContextLengthError, match="too long"):
-        answer(endpoint.client(), MODEL, "word " * 500, [hit(1, "text")], context_window=300,
-               max_answer_tokens=100, count=words)  # fmt: skip
-    assert endpoint.requests == []
-
-
-async def test_injected_instructions_stay_data_inside_the_user_message(
-    indexed: tuple[Settings, FakeEmbedder, LiveIndex],
-) -> None:
-    _, embedder, live = indexed
-    found = retrieve(live, embedder, "pro plan notes", k=4, min_relevance=0.0)
-    assert any(h.chunk.source == "evil.md" for h in found.hits)
-    endpoint = streaming("Pro costs twelve euros [1].")
-    stream = answer(endpoint.client(), MODEL, found.question, found.hits, context_window=4096, count=words)
-    await drain(stream)
-    messages = endpoint.requests[0]["messages"]
-    assert messages[0] == {"role": "system", "content": SYSTEM_PROMPT}
-    assert "data, not instructions" in SYSTEM_PROMPT
-    assert [m["role"] for m in messages] == ["system", "user"]
-    assert "Ignore previous instructions" in messages[1]["content"]
-    assert messages[1]["content"].index("Ignore previous") < messages[1]["content"].index("Question: pro plan notes")
-
-
-class Trickle(httpx.AsyncByteStream):
-    """An endless stream of tokens that records whether the client closed it."""
-
-    def __init__(self) -> None:
-        self.closed = False
-
-    async def __aiter__(self) -> AsyncIterator[bytes]:
-        while True:
-            await asyncio.sleep(0.01)
-            event = {"model": MODEL, "choices": [{"index": 0, "delta": {"content": "tok "}}]}
-            yield f"data: {json.dumps(event)}\n\n".encode()
-
-    async def aclose(self) -> None:
-        self.closed = True
-
-
-async def test_cancelling_the_answer_closes_the_stream() -> None:
-    body = Trickle()
-    endpoint = Endpoint(lambda _: httpx.Response(200, stream=body, headers={"content-type": "text/event-stream"}))
-    stream = answer(endpoint.client(), MODEL, "Why?", [hit(1, "Because.")], context_window=4096, count=words)
-    got = asyncio.Event()
-
-    async def consume() -> None:
-        async for event in stream:
-            if isinstance(event, ChatDelta):
-                got.set()
-
-    task = asyncio.create_task(consume())
-    await asyncio.wait_for(got.wait(), 5)
-    task.cancel()
-    with pytest.raises(asyncio.CancelledError):
-        await task
-    assert body.closed
-    assert stream.text.startswith("tok ")
-
-
-async def test_aclose_before_iterating_closes_without_a_request() -> None:
-    endpoint = streaming("unused")
-    stream = answer(endpoint.client(), MODEL, "Why?", [hit(1, "Because.")], context_window=4096, count=words)
-    await stream.aclose()
-    assert endpoint.requests == []
-
-
-# --- citations ------------------------------------------------------------------------------
-
-
-@pytest.mark.parametrize(
-    ("text", "n", "expected"),
-    [
-        ("", 3, []),
-        ("No citations here.", 3, []),
-        ("A [1]. B [2][3]. A again [1].", 3, [1, 2, 3]),
-        ("Grouped [3, 1] and [2;3].", 3, [3, 1, 2]),
-        ("Spaced [ 2 ] works.", 3, [2]),
-        ("Invented [4] and [0] and [12] are ignored [1].", 3, [1]),
-        ("Not citations: [a], [1a], [-1], (1), [[2]].", 3, [2]),
-        ("Emoji 🌍 [2] and CJK 地球 [1]", 2, [2, 1]),
-        ("Nothing was sent [1].", 0, []),
-    ],
-)
-def test_citations_in(text: str, n: int, expected: list[int]) -> None:
-    assert citations_in(text, n) == expected
-
-
-@pytest.mark.parametrize(
-    ("text", "expected"),
-    [
-        ("Plain [1] stays.", "Plain [1] stays."),
-        ("Grouped [1, 2] splits.", "Grouped [1][2] splits."),
-        ("Spaced [ 3 ] tidies.", "Spaced [3] tidies."),
-        ("Words [see 1] stay.", "Words [see 1] stay."),
-    ],
-)
-def test_normalize_citations(text: str, expected: str) -> None:
-    assert normalize_citations(text) == expected
-
-
-async def test_a_looping_answer_is_stopped_early() -> None:
-    line = "The answer to this question is: 8 minutes.\n"
-    endpoint = streaming("Light takes 8 minutes [1].\n", *([line] * 10), "never reached")
-    stream = answer(endpoint.client(), MODEL, "how long?", [hit(1, "Light takes 8 minutes.")],
-                    context_window=4096, max_answer_tokens=256, count=words)  # fmt: skip
-    events = await drain(stream)
-    assert events[-1] == ChatDone(finish_reason="repetition", usage=None, model=MODEL)
-    assert stream.text == "Light takes 8 minutes [1].\n" + line * 3
-    assert "never reached" not in stream.text
+def test_options_from_a_settings_form_are_clamped() -> None:
+    options = AskOptions().updated({"top_k": "0", "temperature": 9, "min_relevance": "x", "mode": "dense",
+                                    "policy": "anywhere", "model": "m2"}, ["m1", "m2"])  # fmt: skip
+    assert (options.top_k, options.temperature, options.min_relevance, options.mode, options.policy, options.model) == (
+        1, 2.0, AskOptions().min_relevance, "dense", "local-only", "m2")

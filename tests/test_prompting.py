@@ -8,7 +8,7 @@ from typing import Any
 
 import pytest
 
-from rag.chat import Message
+from rag.types import Message
 from rag.errors import ContextLengthError
 from rag.prompting import (
     NO_PASSAGES,

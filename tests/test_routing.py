@@ -10,20 +10,13 @@ from typing import Any
 import httpx
 import pytest
 
-from rag.chat import ChatDelta, ChatDone, Message
 from rag.config import Settings, load_settings
+from rag.endpoints import EndpointsConfig, EndpointSpec, load_endpoints, parse_endpoints
 from rag.errors import ConfigError, EndpointError, PolicyError
-from rag.routing import (
-    EndpointsConfig,
-    EndpointSpec,
-    LocalOnlyTransport,
-    Router,
-    classify_task,
-    load_endpoints,
-    order_candidates,
-    parse_endpoints,
-)
-from rag.types import Chunk, Hit
+from rag.routing import LocalOnlyTransport, Router, classify_task, order_candidates
+from rag.types import ChatDelta, ChatDone, Chunk, Hit, Message
+from tests.sse import sse_response
+from tests.sse import sse as sse_body
 
 pytestmark = pytest.mark.anyio
 
@@ -39,11 +32,7 @@ def anyio_backend() -> str:
 
 
 def sse(text: str, model: str) -> bytes:
-    events = [
-        {"model": model, "choices": [{"index": 0, "delta": {"content": text}, "finish_reason": None}]},
-        {"model": model, "choices": [{"index": 0, "delta": {}, "finish_reason": "stop"}]},
-    ]
-    return ("".join(f"data: {json.dumps(e)}\n\n" for e in events) + "data: [DONE]\n\n").encode()
+    return sse_body(text, model=model)
 
 
 class FakeNetwork:
@@ -70,8 +59,7 @@ class FakeNetwork:
         if body.get("stream") is False:  # a rewrite
             return httpx.Response(200, json={"choices": [{"index": 0, "finish_reason": "stop",
                                   "message": {"role": "assistant", "content": f"Rewritten by {model}?"}}]})  # fmt: skip
-        return httpx.Response(200, content=sse(f"answer from {model} [1]", model),
-                              headers={"content-type": "text/event-stream"})  # fmt: skip
+        return sse_response(sse(f"answer from {model} [1]", model))
 
     def to(self, spec: EndpointSpec) -> list[str]:
         host = httpx.URL(spec.base_url)
@@ -81,9 +69,8 @@ class FakeNetwork:
 def router(specs: list[EndpointSpec], behaviour: dict[str, str], policy: str, tmp_path: Path,
            by_task: dict[str, str] | None = None, **settings: Any) -> tuple[Router, FakeNetwork]:  # fmt: skip
     net = FakeNetwork(behaviour)
-    s = Settings(data_dir=tmp_path, connect_retries=0, first_token_timeout=0.3, **settings)
-    r = Router(EndpointsConfig(tuple(specs), by_task or {}, "test"), s, policy=policy,
-               transport=httpx.MockTransport(net), environ={})  # fmt: skip
+    s = Settings(data_dir=tmp_path, connect_retries=0, first_token_timeout=0.3, policy=policy, **settings)
+    r = Router(s, EndpointsConfig(tuple(specs), by_task or {}, "test"), transport=httpx.MockTransport(net), environ={})
     return r, net
 
 
@@ -92,6 +79,7 @@ async def text_of(reply: Any) -> str:
     return "".join(parts)
 
 
+HISTORY = [Message("user", "How do I compost?"), Message("assistant", "Turn the pile weekly.")]
 UP = {"127.0.0.1:5273": "ok", "127.0.0.1:5274": "ok", "api.example.com:443": "ok"}
 
 
@@ -143,9 +131,14 @@ async def test_guard_allows_loopback_and_hosts_marked_local() -> None:
 async def test_discovered_remote_base_url_is_refused_under_local_only(tmp_path: Path) -> None:
     settings = Settings(data_dir=tmp_path, base_url="https://api.example.com/v1", endpoints_file=tmp_path / "none.toml")
     sent: list[httpx.Request] = []
+    r = Router(settings, transport=httpx.MockTransport(lambda r: sent.append(r) or httpx.Response(200)))
     with pytest.raises(PolicyError, match="RAG_BASE_URL"):
-        await Router.create(settings, transport=httpx.MockTransport(lambda r: sent.append(r) or httpx.Response(200)))
+        await r.answer("How often?", HITS)
+    with pytest.raises(PolicyError, match="RAG_BASE_URL"):
+        await r.primary()
+    assert await r.rewrite(HISTORY, "and how often?") == "and how often?"  # asked as typed
     assert sent == []
+    await r.aclose()
 
 
 # --- local-first ------------------------------------------------------------------------------
@@ -202,7 +195,7 @@ async def test_no_fallback_after_the_first_token(tmp_path: Path) -> None:
         return broken_after_first(request)
 
     s = Settings(data_dir=tmp_path, connect_retries=0)
-    r = Router(EndpointsConfig((LOCAL, CLOUD), {}, "t"), s, policy="local-first",
+    r = Router(s.replace(policy="local-first"), EndpointsConfig((LOCAL, CLOUD), {}, "t"),
                transport=httpx.MockTransport(handler), environ={})  # fmt: skip
     reply = await r.answer("q", HITS)
     with pytest.raises(EndpointError, match="middle of an answer"):
@@ -335,23 +328,52 @@ async def test_discovered_endpoint_is_the_implicit_list(tmp_path: Path) -> None:
         return httpx.Response(200, content=sse("hi [1]", "m1"), headers={"content-type": "text/event-stream"})
 
     settings = Settings(data_dir=tmp_path, base_url="http://127.0.0.1:9/v1", endpoints_file=tmp_path / "no.toml")
-    r = await Router.create(settings, transport=httpx.MockTransport(handler))
-    assert [(s.name, s.model, s.local, s.context_window) for s in r.specs] == [("settings", "m1", True, 2048)]
+    r = Router(settings, transport=httpx.MockTransport(handler))
+    assert [(s.name, s.local, s.discovered) for s in r.specs] == [("default", True, True)] and not r.named
+    connection = await r.primary()
+    assert (connection.model, connection.window("m1", 4096), connection.origin) == ("m1", 2048, "settings")
     reply = await r.answer("q", HITS)
     events = [e async for e in reply]
     assert isinstance(events[-1], ChatDone) and reply.text == "hi [1]"
+    assert reply.route is not None and reply.route.describe() == "m1"  # the one endpoint: named by its model
+    await r.aclose()
+
+
+async def test_a_connection_that_stops_answering_is_opened_again(tmp_path: Path) -> None:
+    """A restarted server (or a Foundry Local service on a new port) is found again."""
+    up = {"ok": True}
+    listed: list[str] = []
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        if not up["ok"]:
+            raise httpx.ConnectError("Connection refused", request=request)
+        if request.url.path.endswith("/models"):
+            listed.append("models")
+            return httpx.Response(200, json={"data": [{"id": "m1"}]})
+        return sse_response(sse("hi [1]", "m1"))
+
+    settings = Settings(data_dir=tmp_path, base_url="http://127.0.0.1:9/v1", connect_retries=0,
+                        endpoints_file=tmp_path / "no.toml")  # fmt: skip
+    r = Router(settings, transport=httpx.MockTransport(handler))
+    first = await r.primary()
+    assert await r.primary() is first and listed == ["models"]  # opened once
+    up["ok"] = False
+    with pytest.raises(EndpointError):
+        await r.answer("q", HITS)
+    assert r.opened() is None  # dropped
+    up["ok"] = True
+    reply = await r.answer("q", HITS)
+    assert await text_of(reply) == "hi [1]" and listed == ["models", "models"]
     await r.aclose()
 
 
 # --- the follow-up's rewrite ----------------------------------------------------------------
 
-HISTORY = [Message("user", "How do I compost?"), Message("assistant", "Turn the pile weekly.")]
-
-
 async def test_rewrite_goes_where_the_policy_sends_the_answer(tmp_path: Path) -> None:
     r, net = router([CLOUD, LOCAL], UP, "local-only", tmp_path)
     assert await r.rewrite(HISTORY, "and how often?") == "Rewritten by small?"
-    assert net.to(CLOUD) == []
+    assert await r.rewrite(HISTORY, "and how often?", policy="cloud-first") == "Rewritten by big?"
+    assert net.to(CLOUD) == ["POST https://api.example.com/v1/chat/completions"]  # only when the policy allows
     await r.aclose()
     r, net = router([CLOUD, LOCAL], UP, "cloud-first", tmp_path)
     assert await r.rewrite(HISTORY, "and how often?") == "Rewritten by big?"

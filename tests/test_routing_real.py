@@ -32,7 +32,7 @@ HITS = [Hit(Chunk("c1", "home-composting-field-guide.pdf", "Turn the pile every 
 def runtime_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     if not is_built(BUILT):
         pytest.skip("smollm2-135m is not built: run `python -m rag model build`")
-    from rag.server import start_background
+    from rag.launcher import start_background
 
     data = tmp_path_factory.mktemp("data")
     (data / "models").mkdir()

@@ -30,7 +30,7 @@ from rag.modelbuild import (
     read_context_length,
     read_manifest,
 )
-from rag.server import find_running, start_background
+from rag.launcher import find_running, start_background
 
 # The small, fast model: these tests check the runtime and the server, not the answers' quality.
 MODEL = "smollm2-135m"
