@@ -21,15 +21,17 @@ Decisions:
   it, and each citation's source, page and chunk id. A resumed chat rebuilds its follow-up
   history from there (``history_from_steps``), and can tell whether a cited document has
   changed or is gone since.
-- **A missing thread is "not found", not a crash** (``ThreadAuthorLookup``): Chainlit's data
-  layer raises ``ValueError`` for an unknown thread id, which its routes turn into a 500 and a
-  traceback; every author check goes through ``get_thread_author``.
+- **Two fixes to Chainlit's data layer** (``DataLayerFixes``, mixed in by app.py): a missing
+  thread is "not found" rather than a 500 with a traceback (``ThreadAuthorLookup``), and a
+  step's writes land in order, so a quick step's output is not blanked by its own creation
+  (``OrderedStepWrites``).
 
 Nothing here imports Chainlit: the storage client and the mixin are duck-typed to it.
 """
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import json
 import os
@@ -363,6 +365,37 @@ class ThreadAuthorLookup:
             return str(await super().get_thread_author(thread_id))  # type: ignore[misc]
         except ValueError:
             return ""
+
+
+class OrderedStepWrites:
+    """Mix in before ``SQLAlchemyDataLayer``: a step's writes land in the order they were made.
+
+    Chainlit persists a step in background tasks: ``send()`` starts a ``create_step`` (empty
+    output), ``update()`` an ``update_step`` (the output). Each is an upsert on its own pooled
+    connection, after a thread check, so the empty one often lands last and blanks the output
+    (a fast step such as Retrieval lost it in 14 of 30 tries here). Tasks start in the order they
+    were created, and a per-step lock taken before the first ``await`` keeps that order."""
+
+    _step_locks: dict[str, tuple[asyncio.Lock, int]]
+
+    async def create_step(self, step_dict: dict[str, Any]) -> None:
+        locks = self.__dict__.setdefault("_step_locks", {})
+        key = str(step_dict.get("id"))
+        lock, users = locks.get(key) or (asyncio.Lock(), 0)
+        locks[key] = (lock, users + 1)
+        try:
+            async with lock:
+                await super().create_step(step_dict)  # type: ignore[misc]
+        finally:
+            lock, users = locks[key]
+            if users <= 1:
+                del locks[key]
+            else:
+                locks[key] = (lock, users - 1)
+
+
+class DataLayerFixes(ThreadAuthorLookup, OrderedStepWrites):
+    """Both fixes: ``class HistoryLayer(DataLayerFixes, SQLAlchemyDataLayer)``."""
 
 
 # --- what an answer leaves behind, and what a resumed chat reads back ------------------------
