@@ -149,13 +149,52 @@ def role_of(metadata: Mapping[str, object] | str | None) -> str:
     return role if isinstance(role, str) and role in PERMISSIONS else "reader"
 
 
-def may(role: str, action: str) -> bool:
+_ACCOUNT_ROUTES = ("/user", "/project/", "/feedback", "/mcp", "/ws/", "/set-session-cookie")
+
+
+def route_needs(method: str, path: str) -> str | None:
+    """What a request to Chainlit's server needs on top of Chainlit's own checks: ``"upload"``
+    (an admin) to put a file into a chat (``POST /project/file``), ``"account"`` (a user who
+    still exists) for the data routes and the chat socket, ``None`` for pages, assets and
+    signing in or out (a removed user must still get the login page).
+
+    >>> route_needs("POST", "/project/file"), route_needs("GET", "/project/thread/x"), route_needs("GET", "/thread/x")
+    ('upload', 'account', None)
+    >>> route_needs("GET", "/ws/socket.io/"), route_needs("POST", "/login"), route_needs("GET", "/project/translations")
+    ('account', None, None)
+    """
+    if method == "POST" and path.rstrip("/") == "/project/file":
+        return "upload"
+    if path == "/project/translations":  # the login page needs it too
+        return None
+    if path == "/user" or any(path.startswith(prefix) for prefix in _ACCOUNT_ROUTES[1:]):
+        return "account"
+    return None
+
+
+def current_role(settings: Settings, mode: str, identifier: str) -> str | None:
+    """The role ``identifier`` has *now*: read from the users file at each call (Chainlit's
+    session token keeps the role of its sign-in for days), ``None`` when the user was removed
+    (the session must stop working). The local user is an admin; everyone is one in
+    ``anonymous`` mode (no sign-in at all, as the person running it chose)."""
+    if mode == "anonymous":
+        return "admin"
+    if mode == "local":
+        return "admin" if identifier == LOCAL_USER else None
+    try:
+        record = user_store(settings).get(identifier)
+    except ConfigError:
+        return None  # a damaged users file: fail closed
+    return record.role if record is not None else None
+
+
+def may(role: str | None, action: str) -> bool:
     """Whether ``role`` may do ``action`` (``upload``, ``corpus_settings``).
 
     >>> may("admin", "upload"), may("reader", "upload"), may("nobody", "upload")
     (True, False, False)
     """
-    return action in PERMISSIONS.get(role, frozenset())
+    return role is not None and action in PERMISSIONS.get(role, frozenset())
 
 
 def ensure_auth_secret(data_dir: Path, environ: MutableMapping[str, str] | None = None) -> str:

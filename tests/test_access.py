@@ -14,6 +14,7 @@ from argon2 import PasswordHasher
 import rag.access
 from rag.access import (
     check_sign_in,
+    current_role,
     ensure_auth_secret,
     host_of,
     is_loopback,
@@ -153,3 +154,22 @@ def test_an_empty_secret_file_is_explained(tmp_path: Path) -> None:
     (tmp_path / "auth-secret").write_text("")
     with pytest.raises(ConfigError, match="auth-secret is empty: remove it"):
         ensure_auth_secret(tmp_path, {})
+
+
+def test_the_current_role_is_read_from_the_users_file(settings: Settings) -> None:
+    store = UserStore(users_path(settings), hasher=PasswordHasher(time_cost=1, memory_cost=1024, parallelism=1))
+    store.add("ada", "correct horse", role="admin")
+    store.add("bob", "battery staple")
+    assert current_role(settings, "password", "ada") == "admin"
+    assert current_role(settings, "password", "bob") == "reader"
+    store.add("bob", "battery staple", role="admin", replace=True)
+    assert current_role(settings, "password", "bob") == "admin"  # promoted: no new sign-in needed
+    store.remove("bob")
+    assert current_role(settings, "password", "bob") is None  # removed: the session must end
+    assert current_role(settings, "password", "local") is None
+    assert current_role(settings, "local", "local") == "admin"
+    assert current_role(settings, "local", "ada") is None
+    assert current_role(settings, "anonymous", "") == "admin"
+    users_path(settings).write_text("{damaged")
+    assert current_role(settings, "password", "ada") is None
+    assert not may(None, "upload")
