@@ -49,6 +49,9 @@ PERMISSIONS = {
     "admin": frozenset({"upload", "corpus_settings"}),
     "reader": frozenset(),
 }
+# Chat settings that affect more than the chat that changes them: which endpoints may receive
+# questions and passages from the shared documents. Only roles with "corpus_settings" see them.
+SHARED_SETTINGS = frozenset({"policy"})
 _PROXY_HEADERS = ("forwarded", "x-forwarded-for", "x-forwarded-host", "x-real-ip")
 
 
@@ -195,6 +198,18 @@ def may(role: str | None, action: str) -> bool:
     (True, False, False)
     """
     return role is not None and action in PERMISSIONS.get(role, frozenset())
+
+
+def settings_allowed(role: str | None, values: Mapping[str, object]) -> dict[str, object]:
+    """The chat-settings ``values`` this role may change (the others are dropped: the panel
+    hides them, and a crafted update must not get through either).
+
+    >>> settings_allowed("reader", {"top_k": 3, "policy": "cloud-first"}), settings_allowed("admin", {"policy": "cloud-first"})
+    ({'top_k': 3}, {'policy': 'cloud-first'})
+    """
+    if may(role, "corpus_settings"):
+        return dict(values)
+    return {k: v for k, v in values.items() if k not in SHARED_SETTINGS}
 
 
 def ensure_auth_secret(data_dir: Path, environ: MutableMapping[str, str] | None = None) -> str:

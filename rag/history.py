@@ -479,17 +479,23 @@ def rag_metadata(step: Mapping[str, Any]) -> dict[str, Any] | None:
     return value if isinstance(value, dict) and value.get("v") == METADATA_VERSION else None
 
 
-def history_from_steps(steps: Sequence[Mapping[str, Any]], *, limit: int | None = None) -> list[Message]:
-    """A resumed chat's history for follow-ups: each remembered answer (one with a ``reply`` in
-    its metadata) after the question it answered, in order; the last ``limit`` messages.
-    Questions without such an answer (stopped, failed, cut by a crash) are left out."""
-    messages: list[Message] = []
+def remembered_turns(steps: Sequence[Mapping[str, Any]]) -> list[tuple[str, str]]:
+    """``(question, reply)`` for each remembered answer of a stored chat (one with a ``reply`` in
+    its metadata), in order: what a resumed chat feeds back to ``rag.pipeline.remember``.
+    Questions without such an answer (stopped, failed, cut short by a crash) are left out."""
+    turns = []
     for step in sorted(steps, key=lambda s: str(s.get("createdAt") or "")):
-        if step.get("type") != "assistant_message":
+        if step.get("type") not in ("assistant_message", "system_message"):
             continue
         meta = rag_metadata(step)
         if meta and meta.get("reply") and meta.get("question"):
-            messages += [Message("user", str(meta["question"])), Message("assistant", str(meta["reply"]))]
+            turns.append((str(meta["question"]), str(meta["reply"])))
+    return turns
+
+
+def history_from_steps(steps: Sequence[Mapping[str, Any]], *, limit: int | None = None) -> list[Message]:
+    """``remembered_turns`` as messages (the last ``limit``), for callers without ``remember``."""
+    messages = [m for q, r in remembered_turns(steps) for m in (Message("user", q), Message("assistant", r))]
     return messages[-limit:] if limit else messages
 
 

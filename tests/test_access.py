@@ -21,6 +21,8 @@ from rag.access import (
     local_sign_in_allowed,
     may,
     role_of,
+    route_needs,
+    settings_allowed,
     sign_in_mode,
     users_path,
 )
@@ -173,3 +175,23 @@ def test_the_current_role_is_read_from_the_users_file(settings: Settings) -> Non
     users_path(settings).write_text("{damaged")
     assert current_role(settings, "password", "ada") is None
     assert not may(None, "upload")
+
+
+def test_readers_cannot_change_shared_settings() -> None:
+    values = {"top_k": 8, "temperature": 0.5, "mode": "bm25", "min_relevance": 0.2, "model": "m", "policy": "cloud-first"}
+    assert settings_allowed("reader", values) == {k: v for k, v in values.items() if k != "policy"}
+    assert settings_allowed(None, values) == settings_allowed("reader", values)
+    assert settings_allowed("admin", values) == values
+
+
+@pytest.mark.parametrize(
+    ("method", "path", "need"),
+    [("POST", "/project/file", "upload"), ("POST", "/project/file/", "upload"), ("GET", "/project/file/abc", "account"),
+     ("POST", "/project/threads", "account"), ("GET", "/project/settings", "account"), ("PUT", "/feedback", "account"),
+     ("GET", "/user", "account"), ("GET", "/ws/socket.io/", "account"), ("POST", "/mcp", "account"),
+     ("GET", "/", None), ("GET", "/thread/abc", None), ("GET", "/login", None), ("POST", "/login", None),
+     ("POST", "/logout", None), ("POST", "/auth/header", None), ("GET", "/project/translations", None),
+     ("GET", "/assets/index.js", None), ("GET", "/public/style.css", None), ("GET", "/health", None)],
+)  # fmt: skip
+def test_which_routes_the_guard_checks(method: str, path: str, need: str | None) -> None:
+    assert route_needs(method, path) == need

@@ -40,6 +40,7 @@ from rag.history import (
     database_url,
     describe_database,
     history_from_steps,
+    remembered_turns,
     passage_note,
     passage_states,
     prepare_database,
@@ -620,8 +621,12 @@ def test_history_skips_unanswered_and_unremembered_turns() -> None:
         step("assistant_message", "8", answer_metadata(question="third", reply="three", model="m")),
         step("user_message", "7", output="third"),
     ]
+    assert remembered_turns(list(reversed(steps))) == [("first", "one"), ("third", "three")]
     assert history_from_steps(list(reversed(steps))) == [
         Message("user", "first"), Message("assistant", "one"), Message("user", "third"), Message("assistant", "three")]
+    gate = step("system_message", "9", answer_metadata(question="off topic?",
+                                                       reply="(The documents did not contain an answer.)", model=""))
+    assert remembered_turns([*steps, gate])[-1] == ("off topic?", "(The documents did not contain an answer.)")
 
 
 def test_passage_notes() -> None:
