@@ -27,7 +27,7 @@ MODELS_DIR = ROOT / ".rag" / "models"
 PREFERRED_MODELS = ("smollm2-135m", "qwen2.5-coder-0.5b")
 
 # rag.server logs one line per answer: "<model>: <n> prompt + <m> completion tokens in <s> s (...)".
-_GENERATION = re.compile(r"^(\S+): (\d+) prompt \+ (\d+) completion tokens in ", re.M)
+_GENERATION = re.compile(r"^(\S+): (\d+) prompt \+ (\d+) completion tokens in ", re.MULTILINE)
 
 
 @dataclass(frozen=True)
