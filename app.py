@@ -47,7 +47,7 @@ from rag.config import POLICIES, RETRIEVAL_MODES, Settings, load_settings
 from rag.errors import IndexMismatchError, IndexMissingError, LoadError, RagError
 from rag.index import Snapshot
 from rag.library import Library
-from rag.pipeline import AskOptions, Retrieval, Retrieved, Rewriting, Rewritten, Started, ask, remember
+from rag.pipeline import AskOptions, Retrieval, Retrieved, Rewriting, Rewritten, Started, ask, present, remember
 from rag.routing import Connection, Router
 from rag.types import ChatDelta, ChatDone, IndexReport, Message
 from rag.uploads import SavedUpload, check_size, save_upload
@@ -466,7 +466,8 @@ class Drawn:
             self.answer.content = note or render.READING
             await self.answer.update()
             return
-        text, cited = render.answer_text(stream.text, len(stream.hits))
+        shown = present(stream)
+        text, cited = shown.text, shown.cited
         if not text and not note:
             text = "_The model returned an empty answer._"
         model = stream.route.describe() if stream.route is not None else stream.model

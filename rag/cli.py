@@ -227,6 +227,67 @@ async def _ask(args: argparse.Namespace, settings: Settings) -> int:
     return 0
 
 
+# --- eval-answers (rag/answer_eval.py) ------------------------------------------------------
+
+
+@command("eval-answers")
+def cmd_eval_answers(args: argparse.Namespace, settings: Settings) -> int:
+    import asyncio
+
+    return asyncio.run(_eval_answers(args, settings))
+
+
+async def _eval_answers(args: argparse.Namespace, settings: Settings) -> int:
+    import asyncio
+    import dataclasses
+
+    from tqdm import tqdm
+
+    from rag.answer_eval import ask_one, format_summary, index_question_set, load_questions, summarise, write_records
+    from rag.indexing import index_params
+    from rag.pipeline import ask
+    from rag.prompting import default_token_counter
+    from rag.routing import Router
+
+    dataset = Path(args.dataset)
+    items = load_questions(dataset)
+    if args.sample:  # evenly spaced over the set (it is ordered by article)
+        items = [items[i * len(items) // args.sample] for i in range(min(args.sample, len(items)))]
+    items = items[: args.limit] if args.limit else items
+    embedder = make_embedder(settings)
+    local = await asyncio.to_thread(index_question_set, dataset, settings, embedder)
+    snapshot = open_store(local).load(expected=index_params(local, embedder))
+    options = _options(args, settings)
+    if args.model:
+        options = dataclasses.replace(options, model=args.model)
+    count = default_token_counter()
+    router = Router(settings)
+    records = []
+    try:
+        connection = await router.primary(options.policy)
+        model = connection.pick(options.model)
+        print(f"{dataset.name}: {len(items)} questions, {len(snapshot.files)} documents ({len(snapshot)} passages); "
+              f"model {model} at {connection.base_url}, top-k {options.top_k}, {options.mode}")  # fmt: skip
+
+        def bound(question: str):  # type: ignore[no-untyped-def]
+            return ask(question, index=snapshot, embedder=embedder, router=router, options=options, count=count,
+                       max_answer_tokens=settings.max_answer_tokens)  # fmt: skip
+
+        with tqdm(items, unit="question", disable=args.quiet) as bar:
+            for item in bar:
+                record = await ask_one(item, bound)
+                records.append(record)
+                correct = sum(r.correct for r in records)
+                bar.set_postfix_str(f"correct {correct}/{len(records)}")
+    finally:
+        await router.aclose()
+    print(format_summary(summarise(records)))
+    if args.json:
+        write_records(records, Path(args.json))
+        print(f"Wrote {args.json}")
+    return 0
+
+
 # --- compare (rag/compare.py) ---------------------------------------------------------------
 
 
@@ -387,6 +448,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--policy", choices=POLICIES, help="local-only (default) refuses non-local endpoints")
     p.add_argument("--limit", type=int, help="ask only the first N questions")
     p.add_argument("-k", type=int, help="passages to retrieve (RAG_TOP_K)")
+
+    p = sub.add_parser("eval-answers", help="answer a question set end to end and score the replies")
+    p.add_argument("dataset", help="folder with docs/ and questions.jsonl (question, answers, source)")
+    p.add_argument("--model", help="the model to ask (default: the endpoint's own)")
+    p.add_argument("--limit", type=int, help="ask only the first N questions")
+    p.add_argument("--sample", type=int, help="ask N questions spread evenly over the set")
+    p.add_argument("-k", type=int, help="passages to retrieve (RAG_TOP_K)")
+    p.add_argument("--policy", choices=POLICIES, help="which endpoints may answer (RAG_POLICY)")
+    p.add_argument("--json", help="write one JSON record per question to this file")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
 
     p = sub.add_parser("status", help="what is indexed")
     p.add_argument("--files", action="store_true", help="list every indexed file")

@@ -24,12 +24,13 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import re
 from collections.abc import AsyncGenerator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 from rag.answering import Answer, needs_rewrite
-from rag.citations import strip_citations
+from rag.citations import citations_in, normalize_citations, strip_citations
 from rag.config import DEFAULT_MIN_RELEVANCE, POLICIES, RETRIEVAL_MODES, Settings
 from rag.embedding import Embedder
 from rag.endpoints import EndpointSpec
@@ -39,6 +40,7 @@ from rag.retrieval import LiveIndex, Retriever
 from rag.routing import Router
 from rag.types import ChatEvent, Hit, Message
 
+_WORDS = re.compile(r"\w{2,}")
 HISTORY_MESSAGES = 12  # turns kept per conversation (the budget may send fewer)
 MAX_TOP_K = 20
 
@@ -226,6 +228,26 @@ async def ask(
             yield event
     finally:
         await answer.aclose()
+
+
+@dataclass(frozen=True)
+class Presented:
+    """An answer as it is shown: ``text`` with grouped citations split (``[1, 2]`` ->
+    ``[1][2]``), the passage numbers it cites (invented ones left out), and whether the model
+    wrote nothing but markers."""
+
+    text: str
+    cited: list[int]
+    marker_only: bool = False
+
+
+def present(answer: Answer) -> Presented:
+    """What a user is shown for ``answer`` (the app, ``rag ask``, the API and the evaluation
+    all show this)."""
+    text = normalize_citations(answer.text).strip()
+    cited = citations_in(text, len(answer.hits))
+    marker_only = bool(text) and not _WORDS.search(strip_citations(text))
+    return Presented(text, cited, marker_only)
 
 
 def remember(history: Sequence[Message], question: str, reply: str, *, keep: int = HISTORY_MESSAGES) -> list[Message]:

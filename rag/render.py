@@ -26,7 +26,6 @@ from rag.errors import (
     RagError,
     UnknownModelError,
 )
-from rag.citations import citations_in, normalize_citations
 from rag.index import Snapshot
 from rag.pipeline import AskOptions, Retrieval
 from rag.types import Chunk, Hit, IndexReport
@@ -324,17 +323,6 @@ def gate_text(found: Retrieval) -> str:
         for n, h in enumerate(found.closest[:3], start=1)
     )
     return f"{head}\n\nThe closest passages:\n\n{closest}"
-
-
-def answer_text(text: str, n_passages: int) -> tuple[str, list[int]]:
-    """A model's answer as shown: grouped citations split so that each number links on its
-    own, and the passage numbers it cites (invented ones left out).
-
-    >>> answer_text(" Weekly [1, 2]. ", 1)
-    ('Weekly [1][2].', [1])
-    """
-    shown = normalize_citations(text).strip()
-    return shown, citations_in(shown, n_passages)
 
 
 def upload_text(upload: SavedUpload, passages: int | None, reason: str | None, corpus_dir: Path) -> str:

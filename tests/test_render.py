@@ -15,7 +15,6 @@ from rag.indexing import sync_index
 from rag.config import Settings
 from rag.pipeline import AskOptions, Retrieval
 from rag.render import (
-    answer_text,
     citation_elements,
     code_span,
     describe_update,
@@ -215,8 +214,7 @@ def test_retrieval_text_says_found_then_sent_and_what_did_not_fit() -> None:
     assert sent.count("| a.md |") == 1
 
 
-def test_answers_are_shown_with_split_citations_and_notes() -> None:
-    assert answer_text("Moist [1, 3]. Also [9].", 3) == ("Moist [1][3]. Also [9].", [1, 3])
+def test_notes_under_answers_that_did_not_end_by_themselves() -> None:
     assert finish_note("length", 512).startswith("_The answer was cut off at 512 tokens")
     assert finish_note("repetition", 512) == "_Stopped: the model started repeating itself._"
     assert finish_note("stop", 512) == ""
