@@ -420,10 +420,8 @@ def citations_of(hits: Sequence[Hit], cited: Iterable[int], file_hashes: Mapping
     for number in cited:
         if 1 <= number <= len(hits):
             chunk = hits[number - 1].chunk
-            out.append(
-                Citation(number, chunk.source, chunk.id, chunk.page, tuple(chunk.headings),
-                         file_hashes.get(chunk.source, ""))  # fmt: skip
-            )
+            sha = file_hashes.get(chunk.source, "")
+            out.append(Citation(number, chunk.source, chunk.id, chunk.page, tuple(chunk.headings), sha))
     return out
 
 
@@ -457,13 +455,14 @@ def answer_metadata(
             "fallback": fallback or None,
             "passages": passages,
             "finish": finish or None,
-            "citations": [
-                {"n": c.number, "source": c.source, "chunk": c.chunk_id, "page": c.page,
-                 "headings": list(c.headings), "sha256": c.file_sha256}  # fmt: skip
-                for c in citations
-            ],
+            "citations": [_citation_dict(c) for c in citations],
         }
     }
+
+
+def _citation_dict(c: Citation) -> dict[str, Any]:
+    return {"n": c.number, "source": c.source, "chunk": c.chunk_id, "page": c.page,
+            "headings": list(c.headings), "sha256": c.file_sha256}  # fmt: skip
 
 
 def rag_metadata(step: Mapping[str, Any]) -> dict[str, Any] | None:

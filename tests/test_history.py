@@ -40,12 +40,12 @@ from rag.history import (
     database_url,
     describe_database,
     history_from_steps,
-    remembered_turns,
     passage_note,
     passage_states,
     prepare_database,
     rag_metadata,
     read_data_url,
+    remembered_turns,
     schema_statements,
 )
 from rag.types import Chunk, Hit, Message
