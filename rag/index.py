@@ -43,7 +43,7 @@ from rag.errors import IndexLockedError, IndexMismatchError, IndexMissingError
 from rag.keyword import KeywordIndex
 from rag.types import Chunk
 
-FORMAT = "rag-index v1"
+FORMAT = "rag-index v2"
 CURRENT = "CURRENT"
 KEEP_GENERATIONS = 2
 DEFAULT_NPROBE = 16
@@ -103,6 +103,15 @@ class Snapshot:
     updated_at: float = 0.0
     ann: faiss.IndexIVFFlat | None = None
     ann_trained_on: int = 0
+    # What the store holds of this snapshot (set by load and commit; see IndexStore): its
+    # segments, the segment each record (or deletion) and each chunk was last written to, and
+    # what changed since, which is all the next commit writes.
+    segments: list[dict] | None = None
+    record_home: dict[str, str] = field(default_factory=dict)
+    key_home: dict[int, str] = field(default_factory=dict)
+    dirty: dict[str, FileRecord | None] = field(default_factory=dict)
+    new_texts: dict[int, str] = field(default_factory=dict)
+    ann_file: str | None = None
 
     def __post_init__(self) -> None:
         if self.vectors is None:
@@ -125,9 +134,11 @@ class Snapshot:
         record = self.files.pop(source, None)
         if record is None:
             return
+        self.dirty[source] = None
         keys = [chunk_key(cid) for cid in record.chunk_ids]
         for key in keys:
             self.chunks.pop(key, None)
+            self.new_texts.pop(key, None)
         assert self.vectors is not None
         self.vectors.remove_ids(np.asarray(keys, dtype=np.int64))
         if self.ann is not None:
@@ -152,7 +163,9 @@ class Snapshot:
             if self.ann is not None:
                 self.ann.add_with_ids(np.ascontiguousarray(vectors, dtype=np.float32), keys)
             self.keyword.add(keys.tolist(), list(texts))
+            self.new_texts.update(zip(keys.tolist(), texts, strict=True))
         self.files[record.source] = record
+        self.dirty[record.source] = record
 
     def all_vectors(self) -> tuple[np.ndarray, np.ndarray]:
         """Every vector and its key, in storage order."""
@@ -163,6 +176,7 @@ class Snapshot:
     def touch_file(self, record: FileRecord) -> None:
         """Remember a new stat for a file whose content (and so chunks) did not change."""
         self.files[record.source] = record
+        self.dirty[record.source] = record
 
     def vector_lookup(self, text_of: Callable[[Chunk], str]) -> SnapshotVectors:
         """Vectors this snapshot already holds, found by the text they embed."""
@@ -196,7 +210,7 @@ class Snapshot:
         """
         n = len(self.chunks)
         if n < max(threshold, 1):
-            self.ann, self.ann_trained_on = None, 0
+            self.ann, self.ann_trained_on, self.ann_file = None, 0, None
             return
         if self.ann is not None and n <= 4 * self.ann_trained_on:
             return
@@ -209,7 +223,7 @@ class Snapshot:
         ann.nprobe = DEFAULT_NPROBE
         quantizer.this.disown()  # the IVF index owns (and frees) it from now on
         ann.own_fields = True
-        self.ann, self.ann_trained_on = ann, n
+        self.ann, self.ann_trained_on, self.ann_file = ann, n, None
 
 
 class SnapshotVectors:
@@ -346,7 +360,15 @@ class IndexStore:
             if generation is None:
                 return None
             with contextlib.suppress(FileNotFoundError):
-                return json.loads((self.root / generation / "manifest.json").read_text(encoding="utf-8"))
+                manifest = json.loads((self.root / generation / "manifest.json").read_text(encoding="utf-8"))
+                if manifest.get("format") == FORMAT:
+                    records, _ = self._read_records(manifest["segments"])
+                    manifest["files"] = {
+                        source: {"sha256": r.sha256, "size": r.size, "mtime_ns": r.mtime_ns,
+                                 "chunk_ids": list(r.chunk_ids)}
+                        for source, r in sorted(records.items())
+                    }
+                return manifest
         return None
 
     def load(self, *, expected: IndexParams | None = None, previous: Snapshot | None = None) -> Snapshot:
@@ -376,34 +398,77 @@ class IndexStore:
             return snapshot
         raise IndexMismatchError(f"the index in {self.root} keeps changing under us; try again")
 
+    def _read_records(self, segments: Sequence[dict]) -> tuple[dict[str, FileRecord], dict[str, str]]:
+        """The file records the segments add up to (newest wins), and each one's segment."""
+        records: dict[str, FileRecord] = {}
+        home: dict[str, str] = {}
+        for segment in segments:
+            raw = json.loads((self.root / segment["name"] / "files.json").read_text(encoding="utf-8"))
+            for source, rec in raw.items():
+                home[source] = segment["name"]
+                if rec is None:
+                    records.pop(source, None)
+                else:
+                    records[source] = FileRecord(source=source, chunk_ids=tuple(rec.pop("chunk_ids")), **rec)
+        return records, home
+
     def _load_generation(self, generation: str) -> Snapshot:
-        folder = self.root / generation
-        manifest = json.loads((folder / "manifest.json").read_text(encoding="utf-8"))
+        manifest = json.loads((self.root / generation / "manifest.json").read_text(encoding="utf-8"))
         if manifest.get("format") != FORMAT:
             raise IndexMismatchError(
                 f"the index in {self.root} has format {manifest.get('format')!r}, this version reads "
                 f"{FORMAT!r}: run `python -m rag index --full` to rebuild it"
             )
         params = IndexParams(**manifest["params"])
-        files = {
-            source: FileRecord(source=source, chunk_ids=tuple(rec.pop("chunk_ids")), **rec)
-            for source, rec in manifest["files"].items()
-        }
+        segments = manifest["segments"]
+        files, record_home = self._read_records(segments)
+        live = {chunk_key(cid) for record in files.values() for cid in record.chunk_ids}
+        # A chunk written twice (its file re-put) is read from the newest segment holding it.
+        key_home: dict[int, str] = {}
+        for segment in reversed(segments):
+            keys = np.load(self.root / segment["name"] / "keys.npy")
+            for key in keys.tolist():
+                if key in live and key not in key_home:
+                    key_home[key] = segment["name"]
         chunks: dict[int, Chunk] = {}
-        with open(folder / "chunks.jsonl", encoding="utf-8") as fh:
-            for line in fh:
-                key, chunk = _chunk_from_json(line)
-                chunks[key] = chunk
-        vectors = faiss.read_index(str(folder / "vectors.faiss"))
-        keyword = KeywordIndex.load(folder / "keyword.npz")
+        vectors = faiss.IndexIDMap2(faiss.IndexFlatIP(params.dimension))
+        keyword_parts = []
+        by_segment: dict[str, set[int]] = {}
+        for key, home in key_home.items():
+            by_segment.setdefault(home, set()).add(key)
+        for segment in segments:
+            folder = self.root / segment["name"]
+            mine = by_segment.get(segment["name"])
+            if not mine:
+                continue
+            with open(folder / "chunks.jsonl", encoding="utf-8") as fh:
+                for line in fh:
+                    key, chunk = _chunk_from_json(line)
+                    if key in mine:
+                        chunks[key] = chunk
+            keys = np.load(folder / "keys.npy")
+            rows = np.flatnonzero(np.isin(keys, np.fromiter(mine, np.int64, count=len(mine))))
+            # Several copies of a key within one segment never happen: a segment is one commit's.
+            vectors.add_with_ids(np.ascontiguousarray(np.load(folder / "vectors.npy")[rows]), keys[rows])
+            keyword_parts.append((KeywordIndex.load(folder / "keyword.npz"), mine))
+        keyword = KeywordIndex.merged(keyword_parts) if keyword_parts else KeywordIndex()
         ann = None
-        if (folder / "ann.faiss").exists():
-            ann = faiss.read_index(str(folder / "ann.faiss"))
+        ann_file = manifest.get("ann")
+        if ann_file:
+            ann = faiss.read_index(str(self.root / ann_file))
             ann.nprobe = DEFAULT_NPROBE
-        if vectors.ntotal != len(chunks) or len(keyword) != len(chunks):
+            held = np.load(self.root / (ann_file + ".keys.npy"))
+            live_keys = np.fromiter(chunks, np.int64, count=len(chunks))
+            gone = held[~np.isin(held, live_keys)]
+            if len(gone):
+                ann.remove_ids(gone)
+            new = live_keys[~np.isin(live_keys, held)]
+            if len(new):
+                ann.add_with_ids(np.stack([vectors.reconstruct(int(k)) for k in new]), new)
+        if vectors.ntotal != len(chunks) or len(keyword) != len(chunks) or len(chunks) != len(live):
             raise IndexMismatchError(
-                f"the index generation {folder} is inconsistent ({vectors.ntotal} vectors, "
-                f"{len(chunks)} chunks): run `python -m rag index --full` to rebuild it"
+                f"the index generation {self.root / generation} is inconsistent ({vectors.ntotal} vectors, "
+                f"{len(chunks)} chunks, {len(live)} listed): run `python -m rag index --full` to rebuild it"
             )
         return Snapshot(
             params=params,
@@ -415,46 +480,139 @@ class IndexStore:
             updated_at=float(manifest.get("updated_at", 0.0)),
             ann=ann,
             ann_trained_on=int(manifest.get("ann_trained_on", 0)),
+            segments=list(segments),
+            record_home=record_home,
+            key_home=key_home,
+            ann_file=ann_file,
         )
 
     # -- writing (only under the lock) --------------------------------------------------------
 
-    def commit(self, snapshot: Snapshot, *, extra: dict | None = None) -> str:
-        """Write ``snapshot`` as a new generation and make it the live one, atomically."""
-        self.root.mkdir(parents=True, exist_ok=True)
-        number = max((self._generation_number(p.name) for p in self.root.glob("gen-*")), default=0) + 1
-        name = f"gen-{number:06d}"
+    def _next_name(self, prefix: str) -> str:
+        number = max((self._generation_number(p.name, prefix) for p in self.root.glob(f"{prefix}-*")), default=0)
+        return f"{prefix}-{number + 1:06d}"
+
+    def _write_segment(
+        self,
+        snapshot: Snapshot,
+        records: dict[str, FileRecord | None],
+        keys: list[int],
+        vectors: np.ndarray,
+        keyword: KeywordIndex,
+    ) -> dict:
+        """One immutable segment: these records (None: a deletion) and chunks, renamed into place whole."""
+        name = self._next_name("seg")
         tmp = self.root / f".tmp-{name}-{os.getpid()}"
         tmp.mkdir()
+        raw = {
+            source: None if rec is None else
+            {"sha256": rec.sha256, "size": rec.size, "mtime_ns": rec.mtime_ns, "chunk_ids": list(rec.chunk_ids)}
+            for source, rec in sorted(records.items())
+        }
+        _write_file(tmp / "files.json", json.dumps(raw, ensure_ascii=False).encode("utf-8"))
+        with open(tmp / "chunks.jsonl", "w", encoding="utf-8") as fh:
+            fh.writelines(_chunk_to_json(k, snapshot.chunks[k]) + "\n" for k in keys)
+        with open(tmp / "keys.npy", "wb") as fh:
+            np.save(fh, np.asarray(keys, dtype=np.int64))
+        with open(tmp / "vectors.npy", "wb") as fh:
+            np.save(fh, np.ascontiguousarray(vectors, dtype=np.float32).reshape(len(keys), snapshot.params.dimension))
+        keyword.save(tmp / "keyword.npz")
+        for written in tmp.iterdir():
+            _fsync_file(written)
+        _fsync_dir(tmp)
+        os.rename(tmp, self.root / name)
+        return {"name": name, "rows": len(keys), "records": len(records)}
+
+    def _vectors_of(self, snapshot: Snapshot, keys: list[int]) -> np.ndarray:
+        assert snapshot.vectors is not None
+        if not keys:
+            return np.zeros((0, snapshot.params.dimension), np.float32)
+        return np.asarray(snapshot.vectors.reconstruct_batch(np.asarray(keys, dtype=np.int64)), dtype=np.float32)
+
+    def _merge(self, snapshot: Snapshot, merged: list[dict], *, oldest: bool) -> dict:
+        """The live contents of ``merged`` (consecutive segments) as one segment. Deletions are
+        kept unless nothing older is left for them to hide."""
+        names = {seg["name"] for seg in merged}
+        records: dict[str, FileRecord | None] = {}
+        for source, home in snapshot.record_home.items():
+            if home in names:
+                record = snapshot.files.get(source)
+                if record is not None or not oldest:
+                    records[source] = record
+        keys = sorted(k for k, home in snapshot.key_home.items() if home in names and k in snapshot.chunks)
+        parts = []
+        for seg in merged:
+            mine = [k for k in keys if snapshot.key_home[k] == seg["name"]]
+            if mine:
+                parts.append((KeywordIndex.load(self.root / seg["name"] / "keyword.npz"), mine))
+        keyword = KeywordIndex.merged(parts) if parts else KeywordIndex()
+        order = keyword._ids.tolist()  # the merged rows' order: vectors and chunks follow it
+        return self._write_segment(snapshot, records, order, self._vectors_of(snapshot, order), keyword)
+
+    def commit(self, snapshot: Snapshot, *, extra: dict | None = None) -> str:
+        """Make ``snapshot`` the live generation, atomically, writing only what changed.
+
+        A snapshot this store loaded (or committed) and that is still the live one gets one new
+        segment with the records and chunks changed since, plus a small manifest: a one-file
+        edit costs that file, whatever the corpus. Segments are merged when the newest grows to
+        half the one before it (so there are O(log n) of them and each row is rewritten O(log n)
+        times). Any other snapshot is written whole, as one segment.
+        """
+        self.root.mkdir(parents=True, exist_ok=True)
+        live = self.read_manifest_raw()
+        based = snapshot.segments is not None and live is not None and live.get("segments") == snapshot.segments
+        if based:
+            segments = list(snapshot.segments or [])
+            new_keys = [k for k in snapshot.new_texts if k in snapshot.chunks]
+            keyword = KeywordIndex(k1=snapshot.keyword.k1, b=snapshot.keyword.b)
+            keyword.add(new_keys, [snapshot.new_texts[k] for k in new_keys])
+            if snapshot.dirty or new_keys:
+                segment = self._write_segment(
+                    snapshot, dict(snapshot.dirty), new_keys, self._vectors_of(snapshot, new_keys), keyword
+                )
+                segments.append(segment)
+                self._adopt(snapshot, segment, snapshot.dirty.keys(), new_keys)
+        else:
+            snapshot.record_home, snapshot.key_home = {}, {}
+            keyword = KeywordIndex.merged([(snapshot.keyword, None)])
+            keys = keyword._ids.tolist()
+            segment = self._write_segment(
+                snapshot, dict(snapshot.files), keys, self._vectors_of(snapshot, keys), keyword
+            )
+            segments = [segment]
+            self._adopt(snapshot, segment, snapshot.files.keys(), keys)
+            snapshot.ann_file = None
+        while len(segments) >= 2 and 2 * _size(segments[-1]) >= _size(segments[-2]):
+            merged = self._merge(snapshot, segments[-2:], oldest=len(segments) == 2)
+            self._adopt(snapshot, merged, [s for s, h in snapshot.record_home.items()
+                                           if h in (segments[-2]["name"], segments[-1]["name"])],
+                        [k for k, h in snapshot.key_home.items() if h in (segments[-2]["name"], segments[-1]["name"])])
+            segments[-2:] = [merged]
+        if len(segments) == 1:  # nothing older for a deletion to hide
+            snapshot.record_home = {s: h for s, h in snapshot.record_home.items() if s in snapshot.files}
+        name = self._next_name("gen")
+        if snapshot.ann is not None and snapshot.ann_file is None:
+            ann_file = f"ann-{name.removeprefix('gen-')}.faiss"
+            faiss.write_index(snapshot.ann, str(self.root / ann_file))
+            with open(self.root / (ann_file + ".keys.npy"), "wb") as fh:
+                np.save(fh, np.fromiter(snapshot.chunks, np.int64, count=len(snapshot.chunks)))
+            _fsync_file(self.root / ann_file)
+            _fsync_file(self.root / (ann_file + ".keys.npy"))
+            snapshot.ann_file = ann_file
         updated_at = time.time()
         manifest = {
             "format": FORMAT,
             "params": asdict(snapshot.params),
             "updated_at": updated_at,
             "chunk_count": len(snapshot.chunks),
+            "file_count": len(snapshot.files),
             "ann_trained_on": snapshot.ann_trained_on,
-            "files": {
-                source: {
-                    "sha256": rec.sha256,
-                    "size": rec.size,
-                    "mtime_ns": rec.mtime_ns,
-                    "chunk_ids": list(rec.chunk_ids),
-                }
-                for source, rec in sorted(snapshot.files.items())
-            },
+            "ann": snapshot.ann_file if snapshot.ann is not None else None,
+            "segments": segments,
             **(extra or {}),
         }
-        # Streamed to the files, never held whole in memory (at 50k chunks, whole copies
-        # added ~250 MiB to every commit: docs/benchmarks.md).
-        with open(tmp / "chunks.jsonl", "w", encoding="utf-8") as fh:
-            fh.writelines(_chunk_to_json(k, c) + "\n" for k, c in snapshot.chunks.items())
-        faiss.write_index(snapshot.vectors, str(tmp / "vectors.faiss"))
-        if snapshot.ann is not None:
-            faiss.write_index(snapshot.ann, str(tmp / "ann.faiss"))
-        snapshot.keyword.save(tmp / "keyword.npz")
-        for written in tmp.iterdir():
-            _fsync_file(written)
-        # The manifest goes last: a directory with a manifest is complete.
+        tmp = self.root / f".tmp-{name}-{os.getpid()}"
+        tmp.mkdir()
         _write_file(tmp / "manifest.json", json.dumps(manifest, ensure_ascii=False, indent=1).encode("utf-8"))
         _fsync_dir(tmp)
         os.rename(tmp, self.root / name)
@@ -464,11 +622,31 @@ class IndexStore:
         _fsync_dir(self.root)
         snapshot.generation = name
         snapshot.updated_at = updated_at
+        snapshot.segments = segments
+        snapshot.dirty, snapshot.new_texts = {}, {}
         self.collect_garbage()
         return name
 
+    @staticmethod
+    def _adopt(snapshot: Snapshot, segment: dict, sources: Iterable[str], keys: Iterable[int]) -> None:
+        name = segment["name"]
+        for source in list(sources):
+            snapshot.record_home[source] = name
+        for key in list(keys):
+            snapshot.key_home[key] = name
+
+    def read_manifest_raw(self) -> dict | None:
+        generation = self.current_generation()
+        if generation is None:
+            return None
+        try:
+            return json.loads((self.root / generation / "manifest.json").read_text(encoding="utf-8"))
+        except FileNotFoundError:
+            return None
+
     def collect_garbage(self) -> None:
-        """Remove leftovers of interrupted writes and generations older than the last two."""
+        """Remove leftovers of interrupted writes, generations older than the last two, and the
+        segments and approximate indexes none of the kept generations uses."""
         live = self.current_generation()
         for leftover in self.root.glob(".tmp-*"):
             shutil.rmtree(leftover, ignore_errors=True)
@@ -480,20 +658,41 @@ class IndexStore:
         live_number = self._generation_number(live)
         keep = {p.name for p in generations if self._generation_number(p.name) <= live_number}
         keep = set(sorted(keep, key=self._generation_number)[-KEEP_GENERATIONS:])
+        used: set[str] = set()
         for folder in generations:
-            if folder.name not in keep:
+            if folder.name not in keep and self._generation_number(folder.name) <= live_number:
                 shutil.rmtree(folder, ignore_errors=True)
+                continue
+            try:
+                manifest = json.loads((folder / "manifest.json").read_text(encoding="utf-8"))
+            except (FileNotFoundError, ValueError):
+                continue
+            used.update(seg["name"] for seg in manifest.get("segments", []))
+            if manifest.get("ann"):
+                used.update((manifest["ann"], manifest["ann"] + ".keys.npy"))
+        for path in [*self.root.glob("seg-*"), *self.root.glob("ann-*")]:
+            if path.name not in used:
+                if path.is_dir():
+                    shutil.rmtree(path, ignore_errors=True)
+                else:
+                    path.unlink(missing_ok=True)
 
     def size_on_disk(self) -> int:
-        generation = self.current_generation()
-        if generation is None:
+        """Bytes of the live generation: its manifest, segments and approximate index."""
+        manifest = self.read_manifest_raw()
+        if manifest is None:
             return 0
-        return sum(p.stat().st_size for p in (self.root / generation).iterdir() if p.is_file())
+        paths = [self.root / str(self.current_generation()) / "manifest.json"]
+        for seg in manifest.get("segments", []):
+            paths.extend((self.root / seg["name"]).iterdir())
+        if manifest.get("ann"):
+            paths += [self.root / manifest["ann"], self.root / (manifest["ann"] + ".keys.npy")]
+        return sum(p.stat().st_size for p in paths if p.is_file())
 
     @staticmethod
-    def _generation_number(name: str) -> int:
+    def _generation_number(name: str, prefix: str = "gen") -> int:
         try:
-            return int(name.removeprefix("gen-"))
+            return int(name.removeprefix(f"{prefix}-"))
         except ValueError:
             return -1
 
@@ -521,6 +720,10 @@ class IndexStore:
                 fh.seek(0)
                 fh.truncate()
                 fcntl.flock(fh, fcntl.LOCK_UN)
+
+
+def _size(segment: dict) -> int:
+    return max(1, int(segment["rows"]) + int(segment["records"]))
 
 
 def keys_of(chunks: Iterable[Chunk]) -> list[int]:

@@ -241,6 +241,56 @@ class KeywordIndex:
         index._base_rows = n_rows
         return index
 
+    @classmethod
+    def merged(cls, parts: Sequence[tuple[KeywordIndex, Iterable[int] | None]]) -> KeywordIndex:
+        """One index from several, each keeping only the given ids (``None``: all); no text is
+        tokenized again. The ids kept must not repeat across parts.
+
+        >>> a, b = KeywordIndex(), KeywordIndex()
+        >>> a.add([1, 2], ["red apples", "old pears"]); b.add([3], ["green apples"])
+        >>> [key for key, _ in KeywordIndex.merged([(a, [1]), (b, None)]).search("apples", 5)]
+        [1, 3]
+        """
+        first = parts[0][0] if parts else cls()
+        out = cls(k1=first.k1, b=first.b)
+        vocab: dict[str, int] = {}
+        ids, lengths, terms, rows, tfs = [], [], [], [], []
+        offset = 0
+        for index, keep in parts:
+            with index._lock:
+                index._compact()
+                mapping = np.fromiter((vocab.setdefault(t, len(vocab)) for t in index._terms), np.int64,
+                                      count=len(index._terms))
+                kept = np.ones(len(index._ids), bool) if keep is None else np.isin(
+                    index._ids, np.fromiter(keep, np.int64))
+                new_row = (np.cumsum(kept) - 1 + offset).astype(np.int32)
+                term_of = np.repeat(np.arange(len(index._terms), dtype=np.int64), np.diff(index._indptr))
+                live = kept[index._post_rows]
+                terms.append(mapping[term_of[live]])
+                rows.append(new_row[index._post_rows[live]])
+                tfs.append(index._post_tfs[live])
+                ids.append(index._ids[kept])
+                lengths.append(index._lengths[kept])
+                offset += int(kept.sum())
+        if not ids:
+            return out
+        term_arr = np.concatenate(terms).astype(np.int32)
+        row_arr, tf_arr = np.concatenate(rows), np.concatenate(tfs)
+        order = np.lexsort((row_arr, term_arr))
+        out._terms = list(vocab)
+        out._vocab = dict(vocab)
+        out._indptr = np.concatenate([[0], np.cumsum(np.bincount(term_arr, minlength=len(vocab)))]).astype(np.int64)
+        out._post_rows, out._post_tfs = row_arr[order].astype(np.int32), tf_arr[order].astype(np.int32)
+        out._ids = np.concatenate(ids).astype(np.int64)
+        out._lengths = np.concatenate(lengths).astype(np.int32)
+        out._alive = np.ones(len(out._ids), bool)
+        out._row_of = dict(zip(out._ids.tolist(), range(len(out._ids)), strict=True))
+        if len(out._row_of) != len(out._ids):
+            raise ValueError("merged() got the same id in two parts")
+        out._total_length = int(out._lengths.sum(dtype=np.int64))
+        out._base_rows = len(out._ids)
+        return out
+
     def _count_terms(self, text: str) -> Counter[int]:
         """Term id -> frequency in ``text``; what ``tokenize`` gives, without stemming a word twice."""
         words = _WORD.findall(unicodedata.normalize("NFKC", text).lower())

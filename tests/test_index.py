@@ -101,11 +101,12 @@ def test_commit_keeps_two_generations_and_clears_leftovers(tmp_path: Path) -> No
     (store.root / ".CURRENT.tmp-123").write_text("gen-000009")
     assert store.load().files.keys() == snapshot.files.keys()
     store.collect_garbage()
-    assert sorted(p.name for p in store.root.iterdir() if p.name != "lock") == [
-        "CURRENT",
-        "gen-000003",
-        "gen-000004",
-    ]
+    names = sorted(p.name for p in store.root.iterdir() if p.name != "lock")
+    assert [n for n in names if not n.startswith("seg-")] == ["CURRENT", "gen-000003", "gen-000004"]
+    # Exactly the segments the two kept generations are made of.
+    used = {seg["name"] for gen in ("gen-000003", "gen-000004")
+            for seg in json.loads((store.root / gen / "manifest.json").read_text())["segments"]}
+    assert {n for n in names if n.startswith("seg-")} == used
 
 
 def test_a_generation_without_manifest_is_never_live(tmp_path: Path) -> None:
@@ -165,3 +166,36 @@ def test_approximate_index_past_the_threshold_follows_updates(tmp_path: Path) ->
     approx_scores, approx = loaded.ann.search(query, 10)
     exact_scores, exact = loaded.vectors.search(query, 10)
     np.testing.assert_allclose(approx_scores, exact_scores, rtol=1e-5)  # ties may swap ids
+
+
+def test_a_commit_writes_only_what_changed_and_segments_stay_few(tmp_path: Path) -> None:
+    store = IndexStore(tmp_path / "index")
+    snapshot = Snapshot(params=PARAMS)
+    for i in range(200):
+        add_file(snapshot, f"f{i:03d}.md", [f"document {i} about topic{i % 7}", f"more on item{i}"])
+    store.commit(snapshot)
+    live = store.load()
+    for round_ in range(40):
+        before = {p: p.stat().st_mtime_ns for p in store.root.rglob("*") if p.is_file()}
+        add_file(live, f"f{round_ * 3:03d}.md", [f"edited {round_} about zebras{round_}"])
+        if round_ % 5 == 0:
+            live.drop_file(f"f{199 - round_:03d}.md")
+        store.commit(live)
+        segments = json.loads((store.root / store.current_generation() / "manifest.json").read_text())["segments"]
+        written = [p for p in store.root.rglob("*") if p.is_file() and before.get(p) != p.stat().st_mtime_ns]
+        # One small segment (or a merge of small ones) and a manifest: never the whole index.
+        assert max(seg["rows"] for seg in segments[1:] or [{"rows": 0}]) < 200
+        assert len(segments) <= 8
+        if len(segments) > 1:
+            assert "chunks.jsonl" not in {p.name for p in written if segments[0]["name"] in str(p)}
+    # Many small commits load as the same index a single whole write gives.
+    loaded = store.load()
+    whole = IndexStore(tmp_path / "whole")
+    whole.commit(Snapshot(params=PARAMS, files=dict(loaded.files), chunks=dict(loaded.chunks),
+                          vectors=loaded.vectors, keyword=loaded.keyword))
+    fresh = whole.load()
+    assert loaded.files == live.files == fresh.files and loaded.chunks == live.chunks == fresh.chunks
+    for key in loaded.chunks:
+        np.testing.assert_array_equal(loaded.vector(key), live.vector(key))
+    for query in ("zebras7", "topic3 document", "item150"):
+        assert loaded.keyword.search(query, 10) == live.keyword.search(query, 10)
