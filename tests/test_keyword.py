@@ -234,3 +234,30 @@ def test_search_after_a_removal_that_drops_terms_matches_only_live_documents() -
     index.remove([1])
     assert index.search("apples", 5) == []
     assert [key for key, _ in index.search("bananas", 5)] == [2]
+
+
+def test_merged_indexes_score_as_one_fresh_build() -> None:
+    """Segments' postings joined (some of their ids dropped) equal an index built from scratch."""
+    import random
+
+    rng = random.Random(3)
+    words = "red green blue apple apples pear plum sky sea tree stone running runs".split()
+    texts = {i: " ".join(rng.choice(words) for _ in range(rng.randint(1, 9))) for i in range(300)}
+    parts = []
+    for start in (0, 100, 200):
+        index = KeywordIndex()
+        index.add(list(range(start, start + 100)), [texts[i] for i in range(start, start + 100)])
+        index.remove([start + 1])  # a dead row inside a part
+        parts.append(index)
+    keep = [i for i in range(100) if i % 3 and i != 1]
+    merged = KeywordIndex.merged([(parts[0], keep), (parts[1], None), (parts[2], range(200, 250))])
+    fresh = KeywordIndex()
+    ids = keep + [i for i in range(100, 200) if i != 101] + [i for i in range(200, 250) if i != 201]
+    fresh.add(ids, [texts[i] for i in ids])
+    assert len(merged) == len(fresh)
+    for query in ("red apple", "sky sea stone", "run", "plum plum pear"):
+        got, want = merged.search(query, 30), fresh.search(query, 30)
+        assert [k for k, _ in got] == [k for k, _ in want]
+        np.testing.assert_allclose([s for _, s in got], [s for _, s in want])
+    with pytest.raises(ValueError, match="same id"):
+        KeywordIndex.merged([(parts[0], None), (parts[0], None)])
