@@ -160,7 +160,10 @@ def sync_index(
                     old = None
 
         work = store.begin(old, params)
-        cache = _VectorCache(work.vector_lookup(embedding_text))
+        lookup: VectorLookup = work.vector_lookup(embedding_text)
+        if old is None and store.kind != "embedded":
+            lookup = _with_embedded_index(lookup, settings, params)
+        cache = _VectorCache(lookup)
 
         scan = scan_corpus(settings.corpus_dir, max_bytes=settings.max_file_bytes)
         skipped: list[SkippedFile] = list(scan.skipped)
@@ -280,6 +283,42 @@ def sync_index(
         rebuild_reason=rebuild_reason,
         notes=tuple(notes),
     )
+
+
+class _Chain:
+    """Vectors from the first lookup that has them."""
+
+    def __init__(self, *lookups: VectorLookup) -> None:
+        self.lookups = lookups
+
+    def prefetch(self, texts: Iterable[str]) -> None:
+        texts = list(texts)
+        for lookup in self.lookups:
+            lookup.prefetch(texts)
+
+    def has(self, h: bytes) -> bool:
+        return any(lookup.has(h) for lookup in self.lookups)
+
+    def get(self, h: bytes) -> np.ndarray | None:
+        for lookup in self.lookups:
+            vector = lookup.get(h)
+            if vector is not None:
+                return vector
+        return None
+
+
+def _with_embedded_index(lookup: VectorLookup, settings: Settings, params: IndexParams) -> VectorLookup:
+    """A first build in another store takes the vectors of the embedded index in the data
+    directory, when it was built with the same model and chunking: moving to Milvus does not
+    embed the corpus again."""
+    from rag.errors import IndexError_
+    from rag.index import IndexStore
+
+    try:
+        local = IndexStore(settings.index_dir).load(expected=params)
+    except IndexError_:
+        return lookup
+    return _Chain(lookup, local.vector_lookup(embedding_text))
 
 
 def _extra(skipped: list[SkippedFile]) -> dict:

@@ -14,6 +14,7 @@ import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from rag.config import Settings
@@ -172,3 +173,16 @@ def test_a_writer_killed_at_any_moment_leaves_a_whole_generation_and_the_next_re
     sync_index(reference, FakeEmbedder())
     expected = open_store(reference).load()
     assert {s: r.chunk_ids for s, r in snapshot.files.items()} == {s: r.chunk_ids for s, r in expected.files.items()}
+
+
+def test_moving_an_embedded_index_to_milvus_embeds_nothing_again(remote: Settings) -> None:
+    make_corpus(remote.corpus_dir, 12)
+    embedded = remote.replace(vector_store="embedded")
+    sync_index(embedded, FakeEmbedder())
+    embedder = FakeEmbedder()
+    report = sync_index(remote, embedder)  # the same data directory, now RAG_VECTOR_STORE=milvus
+    assert len(report.added) == 12 and report.chunks_embedded == 0 and embedder.embedded == []
+    here, there = open_store(embedded).load(), open_store(remote).load()
+    assert {s: r.chunk_ids for s, r in here.files.items()} == {s: r.chunk_ids for s, r in there.files.items()}
+    key = next(iter(here.chunks))
+    assert np.allclose(here.vector(key), there.vector(key))
