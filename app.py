@@ -21,33 +21,65 @@ Decisions:
   question's events closes the HTTP stream, which stops the generation.
 - Document text and file names are shown as text (``rag.render`` escapes them); Chainlit's
   ``unsafe_allow_html`` stays off.
+- Every chat is kept (``rag.history``: SQLite under the data folder, or PostgreSQL), per user
+  (``rag.access``: signed in by itself on loopback, or with a password). The checks run when
+  this module loads, before Chainlit serves anything: a host that must not be served without
+  sign-in, or a database that cannot be opened, stops ``chainlit run`` with one line.
+- Who may do what is checked twice: by ``AccessGuard`` in front of Chainlit's routes (a
+  removed user, an upload by a reader) and in the handlers (a reader's attached file, the
+  settings that change where the shared documents may be sent).
 """
 
 # No `from __future__ import annotations` here: Chainlit executes this file before putting it
 # in sys.modules, and dataclasses with string annotations look their module up there.
 import asyncio
 import contextlib
+import json
 import logging
+import os
+import sys
 import time
 from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import aclosing
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 import chainlit as cl
+from chainlit.auth import decode_jwt
+from chainlit.auth.cookie import get_token_from_cookies
 from chainlit.context import init_ws_context
+from chainlit.data.sql_alchemy import SQLAlchemyDataLayer
 from chainlit.input_widget import Select, Slider
 from chainlit.session import WebsocketSession
 from chainlit.utils import utc_now
+from starlette.requests import HTTPConnection
+from starlette.responses import JSONResponse
 
-from rag import render
+from rag import access, history, render
 from rag.answering import Answer
 from rag.config import POLICIES, RETRIEVAL_MODES, Settings, load_settings
-from rag.errors import IndexMismatchError, IndexMissingError, LoadError, RagError
+from rag.errors import (
+    ConfigError,
+    IndexMismatchError,
+    IndexMissingError,
+    LoadError,
+    RagError,
+)
 from rag.index import Snapshot
 from rag.library import Library
-from rag.pipeline import AskOptions, Retrieval, Retrieved, Rewriting, Rewritten, Started, ask, present, remember
+from rag.pipeline import (
+    AskOptions,
+    Retrieval,
+    Retrieved,
+    Rewriting,
+    Rewritten,
+    Started,
+    ask,
+    present,
+    remember,
+)
 from rag.routing import Connection, Router
 from rag.types import ChatDelta, ChatDone, IndexReport, Message
 from rag.uploads import SavedUpload, check_size, save_upload
@@ -55,6 +87,141 @@ from rag.uploads import SavedUpload, check_size, save_upload
 log = logging.getLogger("rag.app")
 
 NOTICE_AUTHOR = "Index"
+NO_ANSWER = "(The documents did not contain an answer.)"  # what a follow-up's history says of a gated question
+
+
+# ============================================================================================
+# Sign-in and history, checked as this module loads
+# ============================================================================================
+
+
+def _run(coro: Any) -> Any:
+    """Run ``coro`` to its end from synchronous code: here, when ``chainlit run`` loads this
+    module before its event loop starts, or in a thread of its own when a loop already runs
+    (``chainlit run -w`` loading it again)."""
+    try:
+        asyncio.get_running_loop()
+    except RuntimeError:
+        return asyncio.run(coro)
+    with ThreadPoolExecutor(1) as pool:
+        return pool.submit(asyncio.run, coro).result()
+
+
+def _start_up() -> str:
+    """The sign-in mode (``rag.access``), once the host may be served that way, Chainlit's
+    session secret is set and the history database has its tables. It runs as this module
+    loads, which is before Chainlit checks its secret; what fails stops the app with one line
+    that says what to do (exit status 2)."""
+    try:
+        settings = load_settings()
+        mode = access.check_sign_in(settings, access.host_of(os.environ))
+        if mode != "anonymous":
+            access.ensure_auth_secret(settings.data_dir)
+            _run(history.prepare_database(history.database_url(settings)))
+    except ConfigError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        raise SystemExit(2) from None
+    return mode
+
+
+SIGN_IN = _start_up()
+
+
+class HistoryLayer(history.DataLayerFixes, SQLAlchemyDataLayer):
+    """Chainlit's SQL data layer with two fixes of ours (``rag.history.DataLayerFixes``)."""
+
+
+if SIGN_IN != "anonymous":
+
+    @cl.data_layer
+    def data_layer() -> HistoryLayer:
+        return HistoryLayer(**history.data_layer_options(shared().settings))
+
+
+if SIGN_IN == "password":
+
+    @cl.password_auth_callback
+    async def password_auth(username: str, password: str) -> cl.User | None:
+        # The same answer, in about the same time, for a wrong password and an unknown user.
+        record = await asyncio.to_thread(access.user_store(shared().settings).verify, username, password)
+        return cl.User(identifier=record.name, metadata={"role": record.role}) if record else None
+
+elif SIGN_IN == "local":
+
+    @cl.header_auth_callback  # the page asks /auth/header by itself: no login screen
+    async def local_auth(headers: Any) -> cl.User | None:
+        if not access.local_sign_in_allowed(headers):
+            return None  # through a proxy, or a name rebound to this machine: not the local user
+        return cl.User(identifier=access.LOCAL_USER, display_name="you", metadata={"role": "admin"})
+
+
+def role() -> str | None:
+    """The role of this chat's user *now* (read again at each check: a removed user has none)."""
+    if SIGN_IN == "anonymous":
+        return "admin"
+    user = cl.user_session.get("user")
+    return access.current_role(shared().settings, SIGN_IN, user.identifier) if user is not None else None
+
+
+def _session_user(scope: dict[str, Any]) -> cl.User | None:
+    """The user a request's session token names (cookie, or ``Authorization: Bearer``), if valid."""
+    connection = HTTPConnection(scope)
+    token = get_token_from_cookies(connection.cookies)
+    if not token:
+        scheme, _, value = connection.headers.get("authorization", "").partition(" ")
+        token = value if scheme.lower() == "bearer" else ""
+    if not token:
+        return None
+    try:
+        return decode_jwt(token)
+    except Exception:  # noqa: BLE001 - expired, forged, or signed with another secret: Chainlit refuses it too
+        return None
+
+
+class AccessGuard:
+    """In front of Chainlit's routes (pure ASGI, so streams and websockets pass untouched):
+    a session whose user was removed stops working at once (Chainlit's token would stay valid
+    for days), and only an admin may upload a file (``rag.access.route_needs``). Everything
+    else, signing in included, is Chainlit's own check."""
+
+    def __init__(self, app: Any) -> None:
+        self.app = app
+
+    async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
+        if scope["type"] in ("http", "websocket") and SIGN_IN != "anonymous":
+            root, path = scope.get("root_path", ""), scope["path"]
+            path = path[len(root):] if root and path.startswith(root) else path  # fmt: skip
+            need = access.route_needs(scope.get("method", "GET"), path)
+            if need is not None:
+                user = _session_user(scope)
+                now = access.current_role(shared().settings, SIGN_IN, user.identifier) if user else None
+                if user is not None and now is None:
+                    return await _deny(scope, receive, send, 401, "this account no longer exists: sign in again")
+                if need == "upload" and not access.may(now, "upload"):
+                    if user is None:
+                        return await _deny(scope, receive, send, 401, "Unauthorized")
+                    return await _deny(scope, receive, send, 403, "only admins can add documents")
+        await self.app(scope, receive, send)
+
+
+async def _deny(scope: dict[str, Any], receive: Any, send: Any, status: int, detail: str) -> None:
+    if scope["type"] == "websocket":
+        await send({"type": "websocket.close", "code": 1008})  # policy violation
+        return
+    await JSONResponse({"detail": detail}, status_code=status)(scope, receive, send)
+
+
+def _guard_routes() -> None:
+    """Put ``AccessGuard`` in front of Chainlit's server. Chainlit documents one way to extend
+    its server, importing its FastAPI object ("Custom endpoints" in its docs); this is the one
+    use app.py makes of Chainlit's server module (tests/test_app.py holds it to that)."""
+    from chainlit.server import app as chainlit_server_app
+
+    with contextlib.suppress(RuntimeError):  # ``chainlit run -w`` loading this again: the first stays
+        chainlit_server_app.add_middleware(AccessGuard)
+
+
+_guard_routes()
 
 
 # ============================================================================================
@@ -176,11 +343,12 @@ async def send_settings(chat: ChatState, connection: Connection | None) -> None:
         Slider(id="top_k", label="Passages per question (top-k)", initial=options.top_k, min=1, max=20, step=1),
         Slider(id="temperature", label="Temperature", initial=options.temperature, min=0, max=2, step=0.1),
         Select(id="mode", label="Retrieval mode", values=list(RETRIEVAL_MODES), initial_value=options.mode),
-        Select(id="policy", label="Endpoints allowed (routing policy)", values=list(POLICIES),
-               initial_value=options.policy),  # fmt: skip
-        Slider(id="min_relevance", label="Relevance threshold (cosine similarity)",
-               initial=options.min_relevance, min=0, max=1, step=0.05),  # fmt: skip
     ]
+    if access.may(role(), "corpus_settings"):  # where the shared documents may be sent: admins only
+        inputs.append(Select(id="policy", label="Endpoints allowed (routing policy)", values=list(POLICIES),
+                             initial_value=options.policy))  # fmt: skip
+    inputs.append(Slider(id="min_relevance", label="Relevance threshold (cosine similarity)",
+                         initial=options.min_relevance, min=0, max=1, step=0.05))  # fmt: skip
     await cl.ChatSettings(inputs).send()
     chat.models_shown = models
 
@@ -285,10 +453,62 @@ async def on_chat_start() -> None:
         state.sessions.add(cl.context.session.id)
 
 
+@cl.on_chat_resume
+async def on_chat_resume(thread: dict[str, Any]) -> None:
+    """A past chat opened from the sidebar (Chainlit redraws its messages): it continues with
+    its conversation (a follow-up is rewritten against it) and its settings, and each cited
+    passage opens as it was cited, with a note when its document changed or is gone since."""
+    state, chat = shared(), chat_state()
+    steps = thread.get("steps") or []
+    for question, reply in history.remembered_turns(steps):
+        chat.history = remember(chat.history, question, reply)
+    meta = thread.get("metadata") or {}
+    meta = json.loads(meta) if isinstance(meta, str) else meta
+    connection, _ = await primary(chat)
+    models = tuple(connection.models) if connection is not None else ()
+    chat.options = chat.options.updated(access.settings_allowed(role(), meta.get("chat_settings") or {}), models)
+    await send_settings(chat, connection)
+    state.sessions.add(cl.context.session.id)  # on_chat_start is not called for a resumed chat
+    try:
+        snapshot = await state.library.snapshot()
+    except RagError:
+        return  # nothing indexed (yet): the stored passages open as they are
+    await reopen_passages(thread, steps, snapshot, state.settings.corpus_dir)
+
+
+async def reopen_passages(thread: dict[str, Any], steps: Sequence[Any], snapshot: Snapshot, corpus_dir: Path) -> None:
+    """Patch ``thread["elements"]`` in place (Chainlit sends this very dict to the page next):
+    a passage whose document changed or is gone gets a note on top; a cited PDF page (stored
+    without its content) is the corpus file again while it is the same, else a note."""
+    indexed = {source: set(record.chunk_ids) for source, record in snapshot.files.items()}
+    states = {(p.message_id, f"[{p.citation.number}]"): p for p in history.passage_states(steps, indexed)}
+    pages = {(p.message_id, render.pdf_label(p.citation.source, p.citation.page)): p
+             for p in states.values() if p.citation.page is not None}  # fmt: skip
+    root = corpus_dir.resolve()
+    for element in thread.get("elements") or []:
+        key = (element.get("forId"), element.get("name"))
+        if key in states and element.get("url"):
+            note = history.passage_note(states[key], escape=render.escape_markdown)
+            if note:
+                body = (history.read_data_url(element["url"]) or b"").decode("utf-8", "replace")
+                element["url"] = history.data_url(f"{note}\n\n{body}", "text/markdown")
+        elif key in pages and element.get("type") == "pdf" and not element.get("url"):
+            passage = pages[key]
+            path = (root / passage.citation.source).resolve()
+            if passage.state == "current" and path.is_relative_to(root) and path.is_file():
+                ref = await cl.context.session.persist_file(name=element["name"], path=str(path), mime="application/pdf")
+                element["chainlitKey"] = ref["id"]
+                element["url"] = (f"{os.environ.get('CHAINLIT_ROOT_PATH', '')}/project/file/{ref['id']}"
+                                  f"?session_id={cl.context.session.id}")  # fmt: skip
+            else:
+                note = history.passage_note(passage, escape=render.escape_markdown) or "_The page is not available._"
+                element.update(type="text", mime="text/markdown", url=history.data_url(note, "text/markdown"))
+
+
 @cl.on_settings_update
 async def on_settings_update(values: dict[str, Any]) -> None:
     chat = chat_state()
-    chat.options = chat.options.updated(values, chat.models_shown)
+    chat.options = chat.options.updated(access.settings_allowed(role(), values), chat.models_shown)
 
 
 @cl.on_stop
@@ -307,7 +527,9 @@ async def on_message(message: cl.Message) -> None:
     chat.task = asyncio.current_task()
     try:
         files = [e for e in (message.elements or []) if getattr(e, "path", None)]
-        if files:
+        if files and not access.may(role(), "upload"):  # the guard refuses the upload itself; this is a second check
+            await say("Only an admin can add documents: the attached file was not added.")
+        elif files:
             await add_uploads(state, files)
         question = (message.content or "").strip()
         if question:
@@ -363,7 +585,7 @@ async def answer_question(state: Shared, chat: ChatState, question: str) -> None
         return
     options = chat.options
     router = state.router()
-    drawn = Drawn()
+    drawn = Drawn(question)
     try:
         events = ask(question, chat.history, index=library.live, embedder=library.embedder, router=router,
                      options=options, count=library.count,
@@ -375,16 +597,20 @@ async def answer_question(state: Shared, chat: ChatState, question: str) -> None
                     drawn.rewrite.start = utc_now()
                     await drawn.rewrite.send()
                 elif isinstance(event, Rewritten) and drawn.rewrite is not None:
+                    drawn.standalone = event.standalone
                     drawn.rewrite.output = render.escape_markdown(event.standalone)
                     drawn.rewrite.end = utc_now()
                     await drawn.rewrite.update()
                 elif isinstance(event, Retrieved):
                     await drawn.retrieved(event.retrieval, options)
                     if not event.retrieval.relevant:
-                        await say(render.gate_text(event.retrieval))
-                        chat.history = remember(chat.history, question, "(The documents did not contain an answer.)")
+                        await say(render.gate_text(event.retrieval), metadata=history.answer_metadata(
+                            question=question, standalone=drawn.standalone, reply=NO_ANSWER, model="",
+                            finish="gate"))  # fmt: skip
+                        chat.history = remember(chat.history, question, NO_ANSWER)
                         return
-                    drawn.answer = cl.Message(content="")
+                    # created_at now: a message only streamed, then updated, is stored without one
+                    drawn.answer = cl.Message(content="", created_at=utc_now())
                     await drawn.answer.stream_token(render.READING)  # the first token replaces it
                 elif isinstance(event, Started):
                     drawn.stream = event.answer
@@ -396,7 +622,7 @@ async def answer_question(state: Shared, chat: ChatState, question: str) -> None
                     await drawn.answer.stream_token(event.text, is_sequence=not drawn.streaming)
                     drawn.streaming = True
     except asyncio.CancelledError:
-        await drawn.finish(state, note="_Stopped._")
+        await drawn.finish(state, note="_Stopped._", finish="stopped")
         raise
     except IndexMissingError:
         if await wait_until_indexed(library) is not None:
@@ -407,7 +633,7 @@ async def answer_question(state: Shared, chat: ChatState, question: str) -> None
         if drawn.stream is None:  # no model answered: show the passages instead
             await drawn.no_model(exc)
             return
-        await drawn.finish(state, note=f"⚠️ {render.friendly_error(exc)} Ask again to retry.")
+        await drawn.finish(state, note=f"⚠️ {render.friendly_error(exc)} Ask again to retry.", finish="error")
         return
     finally:
         await drawn.settle()
@@ -415,9 +641,11 @@ async def answer_question(state: Shared, chat: ChatState, question: str) -> None
     if stream is None:
         return
     done = stream.done
-    await drawn.finish(state, note=render.finish_note(done.finish_reason if isinstance(done, ChatDone) else None,
-                                                      state.settings.max_answer_tokens))  # fmt: skip
-    if stream.text.strip():
+    reason = done.finish_reason if isinstance(done, ChatDone) else None
+    remembered = bool(stream.text.strip())
+    await drawn.finish(state, note=render.finish_note(reason, state.settings.max_answer_tokens),
+                       finish=reason or "stop", remembered=remembered)  # fmt: skip
+    if remembered:
         chat.history = remember(chat.history, question, stream.text)
 
 
@@ -425,7 +653,9 @@ class Drawn:
     """What one question has drawn so far, so that any way out (an answer, an error, a stop)
     leaves the page complete: no step left spinning, no message left with its placeholder."""
 
-    def __init__(self) -> None:
+    def __init__(self, question: str = "") -> None:
+        self.question = question
+        self.standalone: str | None = None  # the follow-up's rewrite, once made
         self.rewrite: cl.Step | None = None
         self.retrieval: cl.Step | None = None
         self.found: Retrieval | None = None
@@ -451,13 +681,16 @@ class Drawn:
         elements = side_elements(hits, range(1, len(hits) + 1))
         if self.answer is not None:
             self.answer.content, self.answer.elements = text, elements  # type: ignore[assignment]
+            self.answer.metadata = history.answer_metadata(question=self.question, standalone=self.standalone,
+                                                           reply="", model="", finish="error")  # fmt: skip
             await self.answer.update()
             self.finished = True
         else:
             await say(text, elements=elements)
 
-    async def finish(self, state: Shared, *, note: str) -> None:
-        """The answer's final text: the model's, citations split, a note, the sources."""
+    async def finish(self, state: Shared, *, note: str, finish: str = "", remembered: bool = False) -> None:
+        """The answer's final text: the model's, citations split, a note, the sources; and
+        what the history keeps of it (``remembered``: a follow-up may build on it)."""
         if self.answer is None or self.finished:
             return
         self.finished = True
@@ -474,7 +707,24 @@ class Drawn:
         parts = [p for p in (text, note, render.sources_footer(stream.hits, cited, model)) if p]
         self.answer.content = "\n\n".join(parts)
         self.answer.elements = side_elements(stream.hits, cited)  # type: ignore[assignment]
+        self.answer.metadata = await self.metadata(state, stream, cited, finish, remembered)
         await self.answer.update()
+
+    async def metadata(self, state: Shared, stream: Answer, cited: Sequence[int], finish: str,
+                       remembered: bool) -> dict[str, Any]:  # fmt: skip
+        """What the history keeps of this answer (``rag.history.answer_metadata``)."""
+        try:
+            snapshot = await state.library.snapshot()
+            hashes = {source: record.sha256 for source, record in snapshot.files.items()}
+        except RagError:
+            hashes = {}
+        route = stream.route
+        return history.answer_metadata(
+            question=self.question, standalone=self.standalone, model=stream.model,
+            reply=stream.text if remembered else "", endpoint=route.endpoint if route else "",
+            policy=route.policy if route else "", fallback=route.fallback if route else "",
+            passages=len(stream.hits), finish=finish, citations=history.citations_of(stream.hits, cited, hashes),
+        )  # fmt: skip
 
     async def settle(self) -> None:
         """Anything still drawn as running is drawn done (the page never keeps a spinner)."""

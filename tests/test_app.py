@@ -2,7 +2,9 @@
 fake endpoint at the router's transport (tests/test_e2e.py drives the same in Chromium).
 
 ``app.py`` is imported with ``CHAINLIT_APP_ROOT`` pointing at a temp copy of our Chainlit
-config: importing Chainlit writes into its app root.
+config (importing Chainlit writes into its app root) and ``RAG_DATA_DIR`` at a temp folder
+(importing app.py makes the history database and the session secret there): importing it
+writes nothing into the repository.
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ import os
 import re
 import shutil
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 from types import ModuleType
 from typing import Any
@@ -29,23 +32,42 @@ ROOT = Path(__file__).resolve().parent.parent
 MODEL = "fake-model"
 
 
+# What importing app.py reads (set for the import) or sets (restored after the module's tests).
+_IMPORT_ENV = ("CHAINLIT_APP_ROOT", "RAG_DATA_DIR", "RAG_AUTH", "CHAINLIT_HOST", "CHAINLIT_AUTH_SECRET")
+
+
 @pytest.fixture(scope="module")
-def app(tmp_path_factory: pytest.TempPathFactory) -> ModuleType:
+def app(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ModuleType]:
     root = tmp_path_factory.mktemp("approot")
+    data = tmp_path_factory.mktemp("appdata")
     shutil.copytree(ROOT / ".chainlit", root / ".chainlit")
-    previous = os.environ.get("CHAINLIT_APP_ROOT")
-    os.environ["CHAINLIT_APP_ROOT"] = str(root)
+    previous = {name: os.environ.get(name) for name in _IMPORT_ENV}
+    for name in _IMPORT_ENV:
+        os.environ.pop(name, None)
+    os.environ.update(CHAINLIT_APP_ROOT=str(root), RAG_DATA_DIR=str(data))
+    before = _repository_files()
     try:
         module = importlib.import_module("app")
-    finally:
-        if previous is None:
-            os.environ.pop("CHAINLIT_APP_ROOT", None)
-        else:
-            os.environ["CHAINLIT_APP_ROOT"] = previous
-    import chainlit.config
+        import chainlit.config
 
-    assert Path(chainlit.config.APP_ROOT) == root, "chainlit was imported elsewhere first"
-    return module
+        assert Path(chainlit.config.APP_ROOT) == root, "chainlit was imported elsewhere first"
+        assert module.SIGN_IN == "local"  # 127.0.0.1, RAG_AUTH unset: history on, signed in by itself
+        assert (data / "history.sqlite3").is_file() and (data / "auth-secret").is_file()
+        assert _repository_files() == before, "importing app.py wrote into the repository"
+        yield module
+    finally:
+        for name, value in previous.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
+
+
+def _repository_files() -> dict[str, float | None]:
+    """The files importing app.py would make in the repository's own data folder if it ignored
+    ``RAG_DATA_DIR``: their modification times (None: absent)."""
+    paths = [ROOT / ".rag" / name for name in ("history.sqlite3", "history.sqlite3-wal", "auth-secret")]
+    return {str(p): p.stat().st_mtime if p.exists() else None for p in paths}
 
 
 # --- the layout -------------------------------------------------------------------------------
@@ -53,17 +75,24 @@ def app(tmp_path_factory: pytest.TempPathFactory) -> ModuleType:
 
 def test_app_module_is_the_only_chainlit_importer_and_uses_no_internals(app: ModuleType) -> None:
     for path in (ROOT / "rag").glob("*.py"):
-        assert not re.search(r"^\s*(import|from) chainlit\b", path.read_text(encoding="utf-8"), re.M), path
+        assert not re.search(r"^\s*(import|from) chainlit\b", path.read_text(encoding="utf-8"), re.MULTILINE), path
     assert "chainlit" in sys.modules  # imported here through app.py, into the temp app root
     source = (ROOT / "app.py").read_text(encoding="utf-8")
-    assert not re.search(r"chainlit\.(socket|server)\b", source)
+    # One exception, the documented way to extend Chainlit's server: the access guard in front
+    # of it (app._guard_routes). Nothing else of chainlit.server or chainlit.socket.
+    allowed = "from chainlit.server import app as chainlit_server_app\n"
+    assert source.count(allowed) == 1
+    assert re.findall(r"\bchainlit_server_app\b[^\n]*", source.replace(allowed, "")) == [
+        "chainlit_server_app.add_middleware(AccessGuard)"
+    ]
+    assert not re.search(r"chainlit\.(socket|server)\b", source.replace(allowed, ""))
 
 
 def test_only_the_cli_starts_the_server_in_process() -> None:
     """The client side never depends on the runtime that serves it: ``rag.server`` is imported
     by the ``serve`` command alone (the launcher starts it as a process, by command line)."""
     importers = sorted(p.name for p in (ROOT / "rag").glob("*.py")
-                       if re.search(r"^\s*(from rag\.server import|import rag\.server)", p.read_text(), re.M))  # fmt: skip
+                       if re.search(r"^\s*(from rag\.server import|import rag\.server)", p.read_text(), re.MULTILINE))  # fmt: skip
     assert importers == ["cli.py"]
 
 
