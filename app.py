@@ -81,7 +81,7 @@ from rag.pipeline import (
     remember,
 )
 from rag.routing import Connection, Router
-from rag.types import ChatDelta, ChatDone, IndexReport, Message
+from rag.types import ChatDelta, ChatDone, IndexReport, Message, Queued
 from rag.uploads import SavedUpload, check_size, save_upload
 
 log = logging.getLogger("rag.app")
@@ -525,6 +525,16 @@ async def on_message(message: cl.Message) -> None:
     state = shared()
     chat = chat_state()
     chat.task = asyncio.current_task()
+@cl.on_chat_end
+async def on_chat_end() -> None:
+    """The page went away (closed, reloaded, another chat opened, the connection lost): its
+    running answer stops, so that a question still waiting for the model gives its place in
+    line up and one being answered frees the model for the others. What came is kept."""
+    task = chat_state().task
+    if task is not None and not task.done() and not task.cancelling():
+        task.cancel()
+
+
     try:
         files = [e for e in (message.elements or []) if getattr(e, "path", None)]
         if files and not access.may(role(), "upload"):  # the guard refuses the upload itself; this is a second check
@@ -617,6 +627,9 @@ async def answer_question(state: Shared, chat: ChatState, question: str) -> None
                     await drawn.retrieved(drawn.found, options, sent=event.answer.hits)  # type: ignore[arg-type]
                     connection = router.opened(options.policy)
                     if connection is not None and connection.models != list(chat.models_shown):
+                elif isinstance(event, Queued) and drawn.answer is not None and not drawn.streaming:
+                    # the model answers others first: say where this one is instead of a silent spinner
+                    await drawn.answer.stream_token(render.queue_text(event.ahead), is_sequence=True)
                         await send_settings(chat, connection)  # it came back, or with other models
                 elif isinstance(event, ChatDelta) and drawn.answer is not None:
                     await drawn.answer.stream_token(event.text, is_sequence=not drawn.streaming)

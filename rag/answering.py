@@ -27,7 +27,7 @@ from rag.chat import ChatClient
 from rag.citations import citations_in
 from rag.errors import EndpointError
 from rag.prompting import SYSTEM_PROMPT, TokenCounter, clean_rewrite, fit_to_budget, rewrite_messages
-from rag.types import ChatDone, ChatEvent, Hit, Message
+from rag.types import ChatDone, ChatEvent, Hit, Message, Queued
 
 if TYPE_CHECKING:
     from rag.routing import Route
@@ -44,18 +44,22 @@ class Answer:
     ``text`` accumulates the answer as it streams; ``route`` says which endpoint answered (set
     by the router). ``start()`` waits for the first event (the request's errors are raised
     there); ``aclose()`` (or cancelling the task that iterates) closes the HTTP stream, which
-    stops the generation on the server.
+    stops the generation on the server. While a busy server keeps the request waiting, its
+    ``Queued`` notices go to ``on_queued`` (they are not the first event: the answer may still
+    fail over to another endpoint) and ``queued`` holds the last one.
     """
 
     hits: list[Hit]
     messages: list[Message]
     model: str
-    _events: AsyncGenerator[ChatEvent, None] | None = None
+    _events: AsyncGenerator[ChatEvent | Queued, None] | None = None
     text: str = ""
     done: ChatDone | None = field(default=None)
     route: Route | None = None
     # Called (then the error raised) when the endpoint fails: the router drops a dead connection.
     on_error: Callable[[EndpointError], Awaitable[None]] | None = field(default=None, repr=False)
+    on_queued: Callable[[Queued], Awaitable[None]] | None = field(default=None, repr=False)
+    queued: Queued | None = None
     _first: ChatEvent | None = field(default=None, repr=False)
     _iterator: AsyncGenerator[ChatEvent, None] | None = field(default=None, repr=False)
 
@@ -65,7 +69,7 @@ class Answer:
         if self._first is not None or self._events is None:
             return
         try:
-            self._first = await anext(self._events)
+            self._first = await self._next_event(self._events)
         except StopAsyncIteration:
             self._first = ChatDone(finish_reason=None, usage=None, model=self.model)
         except BaseException as exc:
@@ -88,7 +92,7 @@ class Answer:
                     event, pending = pending, None
                 else:
                     try:
-                        event = await anext(events)
+                        event = await self._next_event(events)
                     except StopAsyncIteration:
                         return
                     except BaseException as exc:
@@ -107,6 +111,16 @@ class Answer:
                     return
         finally:
             await events.aclose()
+
+    async def _next_event(self, events: AsyncGenerator[ChatEvent | Queued, None]) -> ChatEvent:
+        """The next delta or end; queue notices on the way go to ``on_queued``."""
+        while True:
+            event = await anext(events)
+            if not isinstance(event, Queued):
+                return event
+            self.queued = event
+            if self.on_queued is not None:
+                await self.on_queued(event)
 
     async def _failed(self, exc: BaseException) -> None:
         if self.on_error is not None and isinstance(exc, EndpointError):

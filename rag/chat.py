@@ -13,6 +13,11 @@ Trade-offs:
 - Three clocks instead of one read timeout: ``connect_timeout`` (httpx), ``first_token_timeout``
   from sending the request to the first delta (a model may load first), and ``idle_timeout``
   between deltas. Keep-alive comments do not reset the clocks: a server that only pings is stuck.
+- A busy server that queues the request (``rag serve``: ``: queued N`` comments, see
+  ``rag.protocol``) is reported as ``Queued(N)`` events before the first delta. A notice that
+  shows the line moved (fewer ahead than the last one said, or our turn) restarts the
+  first-token clock: the timeout bounds the wait for progress, so a long queue that keeps
+  moving never times out, while one stuck at the same place does, as a silent server would.
 - Connection failures are retried only before anything was received; once a delta has been
   yielded a failure is raised, never replayed, so an answer is never shown twice.
 - Every failure surfaces as a ``rag.errors`` type whose message names the URL and the fix.
@@ -50,9 +55,10 @@ from rag.protocol import (
     is_context_length_message,
     parse_completion,
     pick_model,
+    queue_notice,
     request_body,
 )
-from rag.types import ChatDelta, ChatDone, ChatEvent, Message
+from rag.types import ChatDelta, ChatDone, ChatEvent, Message, Queued
 
 DEFAULT_CONNECT_TIMEOUT = 5.0
 # How long an idle connection stays in the pool (httpx's default: 5 s, shorter than most pauses
@@ -224,8 +230,9 @@ class ChatClient:
         temperature: float | None = None,
         max_tokens: int | None = None,
         **extra: Any,
-    ) -> AsyncIterator[ChatEvent]:
-        """Yield ``ChatDelta``s as they arrive, then exactly one ``ChatDone``.
+    ) -> AsyncIterator[ChatEvent | Queued]:
+        """Yield ``ChatDelta``s as they arrive, then exactly one ``ChatDone``; before the first
+        delta, ``Queued`` notices while the server keeps the request waiting.
 
         Closing the generator (``aclose()``, ``break`` inside ``aclosing``, a cancelled task)
         closes the HTTP response, which tells the server to stop generating.
@@ -251,6 +258,7 @@ class ChatClient:
             splitter, builder = LineSplitter(), EventBuilder()
             utf8 = codecs.getincrementaldecoder("utf-8")(errors="replace")
             raw_chunks = cast(AsyncGenerator[bytes, None], response.aiter_bytes())
+            ahead: int | None = None  # the last place in line the server told
             async with aclosing(raw_chunks) as chunks:
                 closed = False
                 while not (answer.ended or closed):
@@ -263,10 +271,18 @@ class ChatClient:
                         lines = [*splitter.feed(utf8.decode(b"", final=True)), *splitter.flush(), ""]
                         closed = True
                     except TimeoutError:
-                        raise self._stream_timeout(answer.started) from None
+                        raise self._stream_timeout(answer.started, ahead=ahead) from None
                     except httpx.HTTPError as exc:
                         raise self._broken(exc, answer.started) from exc
                     for event in self._events(lines, builder, response.status_code):
+                        if isinstance(event, Queued):
+                            if answer.started:
+                                continue  # a late notice means nothing once the answer streams
+                            if ahead is None or event.ahead < ahead:  # the line moved: a fresh clock
+                                deadline = loop.time() + self.first_token_timeout
+                            ahead = event.ahead
+                            yield event
+                            continue
                         text = answer.take(event)
                         if text:
                             yield ChatDelta(text)
@@ -287,9 +303,14 @@ class ChatClient:
 
     def _events(
         self, lines: list[str], builder: EventBuilder, status: int
-    ) -> Iterator[dict[str, Any] | str]:
-        """The decoded events these lines complete; raises on an error event or garbage."""
+    ) -> Iterator[dict[str, Any] | str | Queued]:
+        """The decoded events these lines complete, and queue notices; raises on an error event
+        or garbage."""
         for line in lines:
+            ahead = queue_notice(line)
+            if ahead is not None:
+                yield Queued(ahead)
+                continue
             payload = builder.feed_line(line)
             if payload is None:
                 continue
@@ -443,8 +464,15 @@ class ChatClient:
             url=url,
         )
 
-    def _stream_timeout(self, got_delta: bool, *, url: str | None = None) -> EndpointTimeoutError:
+    def _stream_timeout(self, got_delta: bool, *, url: str | None = None, ahead: int | None = None) -> EndpointTimeoutError:
         url = url or self.chat_url
+        if not got_delta and ahead:
+            return EndpointTimeoutError(
+                f"{url} kept the request waiting behind {ahead} others for {self.first_token_timeout:g} s "
+                "without the line moving (first-token timeout); raise RAG_FIRST_TOKEN_TIMEOUT if its "
+                "answers are long",
+                url=url,
+            )
         if got_delta:
             return EndpointTimeoutError(
                 f"{url} sent nothing for {self.idle_timeout:g} s in the middle of an answer "

@@ -6,7 +6,7 @@ all call ``ask`` and render what it yields, as plain values (no UI framework)::
     question ──router.rewrite──▶ standalone        (a follow-up only)     Rewriting, Rewritten
         ──retrieve──▶ Retrieval                                             Retrieved
         Retrieval.relevant is False ─▶ stop: say the documents don't contain the answer
-        ──router.answer──▶ Answer (the candidate that gave a first token)   Started
+        ──router.answer──▶ Answer (the candidate that gave a first token)   Queued …, Started
         ──▶ ChatDelta … ChatDone                                           (the answer's events)
 
 Trade-offs:
@@ -17,6 +17,9 @@ Trade-offs:
 - Budgeting may drop the lowest-ranked passages (``Started.answer.hits`` are those sent);
   citations are resolved against what was sent, never against what was retrieved.
 - A rewrite failure never fails the question: it is asked as it was typed.
+- While a busy endpoint keeps the answer's request waiting, its ``Queued`` notices are yielded
+  as they come, before ``Started`` (the router is still waiting for a first token then, and may
+  yet fall back to another endpoint). Closing ``ask`` meanwhile gives the place up.
 """
 
 from __future__ import annotations
@@ -38,7 +41,7 @@ from rag.index import Snapshot
 from rag.prompting import TokenCounter
 from rag.retrieval import LiveIndex, Retriever
 from rag.routing import Router
-from rag.types import ChatEvent, Hit, Message
+from rag.types import ChatEvent, Hit, Message, Queued
 
 _WORDS = re.compile(r"\w{2,}")
 HISTORY_MESSAGES = 12  # turns kept per conversation (the budget may send fewer)
@@ -183,7 +186,7 @@ class Started:
     answer: Answer
 
 
-Event = Rewriting | Rewritten | Retrieved | Started | ChatEvent
+Event = Rewriting | Rewritten | Retrieved | Queued | Started | ChatEvent
 
 
 async def ask(
@@ -199,8 +202,9 @@ async def ask(
     candidates: Sequence[EndpointSpec] | None = None,
 ) -> AsyncGenerator[Event, None]:
     """Answer ``question`` (after ``history``) from the documents: yields ``Rewriting`` and
-    ``Rewritten`` (a follow-up only), ``Retrieved``, then, when a passage is relevant, ``Started`` and the
-    answer's ``ChatDelta``s and ``ChatDone``. ``Started.answer`` holds the text so far, the
+    ``Rewritten`` (a follow-up only), ``Retrieved``, then, when a passage is relevant, ``Queued``
+    while a busy endpoint keeps it waiting, ``Started`` and the answer's ``ChatDelta``s and
+    ``ChatDone``. ``Started.answer`` holds the text so far, the
     citations and the route, also when the stream fails later.
 
     Raises what no endpoint could get past (``EndpointError``, ``PolicyError``, …) after
@@ -218,16 +222,48 @@ async def ask(
     yield Retrieved(found)
     if not found.relevant:
         return
-    answer = await router.answer(
+    notices: asyncio.Queue[Queued] = asyncio.Queue()
+
+    async def queued(notice: Queued) -> None:
+        notices.put_nowait(notice)
+
+    starting = asyncio.ensure_future(router.answer(
         standalone, found.hits, history, count=count, policy=options.policy, model=options.model,
         temperature=options.temperature, max_answer_tokens=max_answer_tokens, candidates=candidates,
-    )  # fmt: skip
+        on_queued=queued,
+    ))  # fmt: skip
+    handed = False
+    try:
+        while not starting.done():
+            told = asyncio.ensure_future(notices.get())
+            try:
+                await asyncio.wait({starting, told}, return_when=asyncio.FIRST_COMPLETED)
+            finally:
+                told.cancel()
+            if told.done() and not told.cancelled():
+                yield told.result()
+        answer = starting.result()  # raises what no endpoint could get past
+        while not notices.empty():  # those that came with the first token, in order
+            yield notices.get_nowait()
+        handed = True
+    finally:
+        if not handed:  # closed or cancelled while waiting: give the place in line up
+            await _abandon(starting)
     try:
         yield Started(answer)
         async for event in answer:
             yield event
     finally:
         await answer.aclose()
+
+
+async def _abandon(starting: asyncio.Future[Answer]) -> None:
+    """Stop an answer that is still starting (its request is closed), or close it if it started."""
+    if not starting.done():
+        starting.cancel()
+        await asyncio.wait({starting})
+    if not starting.cancelled() and starting.exception() is None:
+        await starting.result().aclose()
 
 
 @dataclass(frozen=True)

@@ -5,6 +5,10 @@ server (``rag.server``).
   (``str.splitlines`` would also split on U+2028 and friends, which a model may well emit inside
   a JSON string), collect ``data:`` lines into events, decode each to JSON or ``[DONE]``; and
   the other way, ``encode_event``.
+- Queue notices (ours, an extension): while a server holds a streamed request in line, it may
+  send SSE comments ``: queued N`` (N requests ahead; ``: queued 0`` when its turn comes), each
+  followed by a blank line, before the first chunk. Comments are part of SSE, so OpenAI clients
+  skip them; ``rag.chat`` reads them (``queue_notice``).
 - Chunks and completions: the text of a choice wherever a server put it (``delta``,
   ``message``, ``text``), the finish reason, usage, and the quirks Foundry Local's service has
   shipped (a last chunk with empty ``choices``, no ``finish_reason``).
@@ -42,6 +46,29 @@ _VARIANT_WORDS = frozenset(
 
 
 # --- Server-sent events ---------------------------------------------------------------------
+
+QUEUE_NOTICE = "queued"
+
+
+def encode_queue_notice(ahead: int) -> bytes:
+    """The SSE comment that tells a waiting client how many requests are ahead of its own.
+
+    >>> encode_queue_notice(2)
+    b': queued 2\\n\\n'
+    """
+    return f": {QUEUE_NOTICE} {max(0, int(ahead))}\n\n".encode("ascii")
+
+
+def queue_notice(line: str) -> int | None:
+    """The number of requests ahead that an SSE line announces, or ``None`` for any other line.
+
+    >>> queue_notice(": queued 2"), queue_notice(":queued 0"), queue_notice(": ping"), queue_notice("data: 1")
+    (2, 0, None, None)
+    """
+    if not line.startswith(":"):
+        return None
+    word, _, number = line[1:].strip().partition(" ")
+    return int(number) if word == QUEUE_NOTICE and number.isdigit() else None
 
 
 class LineSplitter:

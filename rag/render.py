@@ -46,6 +46,19 @@ SNIPPET_CHARS = 160
 READING = "_Reading the passages…_"  # an answer's text until its first token
 
 
+def queue_text(ahead: int) -> str:
+    """An answer's text while the model answers others first (``READING`` once its turn came).
+
+    >>> queue_text(2)
+    '_2 questions ahead of yours: the model answers one at a time…_'
+    >>> queue_text(0) == READING
+    True
+    """
+    if ahead <= 0:
+        return READING
+    return f"_{ahead} question{'' if ahead == 1 else 's'} ahead of yours: the model answers one at a time…_"
+
+
 _INLINE_SPECIAL = re.compile(r"([\\`*_\[\]<>&|~])")
 _LINE_START = re.compile(r"^([ \t]*)([#>+=-])", re.M)
 _ORDERED = re.compile(r"^([ \t]*\d+)([.)])", re.M)

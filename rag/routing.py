@@ -17,7 +17,10 @@ candidate is skipped, with the reason recorded, when the prompt would not fit it
 window without dropping passages (and another candidate remains), when it cannot be reached,
 answers an HTTP error, or gives no first token within its first-token timeout. Once the first
 token arrived the answer is committed: a later failure is raised, never retried elsewhere, so an
-answer is never shown twice or spliced from two models.
+answer is never shown twice or spliced from two models. A queue notice (``Queued``: a busy
+server holds the request in line) is not a first token: nothing of the answer has been shown,
+so a candidate that times out or fails while queued still falls back to the next one. Its
+notices are handed to ``on_queued`` as they come (the chat shows the place in line).
 
 Connections are opened lazily and kept; one that stops answering (unreachable, broken) is
 dropped and opened afresh next time, so a restarted server, or a Foundry Local service on a new
@@ -50,7 +53,7 @@ from rag.errors import (
 )
 from rag.prompting import SYSTEM_PROMPT, TokenCounter, default_token_counter
 from rag.protocol import pick_model
-from rag.types import Hit, Message
+from rag.types import Hit, Message, Queued
 
 # --- The task classifier --------------------------------------------------------------------
 
@@ -417,7 +420,9 @@ class Router:
         system: str = SYSTEM_PROMPT,
     ) -> Answer:
         """Start the answer at the first candidate that gives a first token (``model`` at the
-        first, if given); raises the last error, with every reason, when none does."""
+        on_queued: Callable[[Queued], Awaitable[None]] | None = None,
+        first, if given); raises the last error, with every reason, when none does.
+        ``on_queued`` gets each candidate's queue notices while it waits for that token."""
         policy = policy or self.settings.policy
         count = count or default_token_counter()
         max_tokens = max_answer_tokens or self.settings.max_answer_tokens
@@ -448,6 +453,7 @@ class Router:
                 reply.on_error = self._forgetter(spec)
                 await reply.start()
             except (EndpointError, ContextLengthError, PolicyError, ConfigError) as exc:
+                reply.on_queued = on_queued
                 last_error = exc
                 reasons.append(f"{spec.name} {spec.model or ''} {_why(exc)}".replace("  ", " "))
                 continue

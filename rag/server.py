@@ -13,8 +13,12 @@ Trade-offs:
 
 - Standard library ``ThreadingHTTPServer``: no new dependency, and a few local clients is
   all it must serve. A thread per connection; generations are serialised through a FIFO
-  lock (the runtime runs one at a time), so queued clients wait (their wait counts against
-  their own first-token timeout) and no two streams interleave.
+  lock (the runtime runs one at a time), so queued clients wait and no two streams
+  interleave. A waiting streamed request gets its stream's head at once and a ``: queued N``
+  comment each time its place changes (``: queued 0`` when its turn comes; nothing at all
+  when it did not have to wait): the chat shows "2 questions ahead of yours", and the client
+  restarts its first-token clock whenever the line moves (``rag.chat``). A client that leaves
+  while waiting gives its place up (noticed within 0.25 s, or when a notice cannot be sent).
 - A client that goes away stops its generation: checked while it waits, between tokens, and
   every 0.25 s while a non-streamed answer is generated.
 - Streams follow OpenAI's shape, without the quirks Foundry Local's service has shipped:
@@ -54,7 +58,7 @@ from rag.config import Settings
 from rag.errors import ContextLengthError, EndpointError, ModelBuildError, RagError, UnknownModelError
 from rag.launcher import DEFAULT_HOST, find_running, remove_state, state_path, write_state
 from rag.modelbuild import DEFAULT_MODEL, is_built
-from rag.protocol import DONE_EVENT, APIError, ChatRequest, encode_event, envelope, parse_chat_request
+from rag.protocol import DONE_EVENT, APIError, ChatRequest, encode_event, encode_queue_notice, envelope, parse_chat_request
 from rag.runtime import ChatRuntime, ChatStream
 
 log = logging.getLogger("rag.server")
@@ -67,7 +71,8 @@ OWNED_BY = "rag (Foundry Local runtime)"
 
 
 class FairLock:
-    """A FIFO lock whose waiters can give up (a client that disconnected while queued)."""
+    """A FIFO lock whose waiters can give up (a client that disconnected while queued) and are
+    told their place in line as it changes."""
 
     def __init__(self) -> None:
         self._cond = threading.Condition()
@@ -80,24 +85,59 @@ class FairLock:
         with self._cond:
             return self._next_ticket - self._serving - len(self._abandoned)
 
-    def acquire(self, *, give_up: Callable[[], bool] = lambda: False, poll: float = 0.25) -> bool:
+    def acquire(
+        self,
+        *,
+        give_up: Callable[[], bool] = lambda: False,
+        on_wait: Callable[[int], None] | None = None,
+        poll: float = 0.25,
+    ) -> bool:
+        """Wait for our turn (True), or give up (False) when ``give_up()`` says so.
+
+        ``on_wait(ahead)`` is called, outside the lock, whenever the number of holders and
+        waiters ahead of us changes (first when we have to wait at all); if it raises, our
+        place is given up and the exception raised."""
         with self._cond:
             ticket = self._next_ticket
             self._next_ticket += 1
-            while ticket != self._serving:
-                self._cond.wait(poll)
+        told = None
+        while True:
+            with self._cond:
+                if ticket == self._serving:
+                    return True
+                ahead = ticket - self._serving - sum(1 for t in self._abandoned if t < ticket)
+            if on_wait is not None and ahead != told:
+                try:
+                    on_wait(ahead)
+                except BaseException:
+                    self._abandon(ticket)
+                    raise
+                told = ahead
+            with self._cond:
+                if ticket != self._serving:
+                    self._cond.wait(poll)
                 if ticket != self._serving and give_up():
-                    self._abandoned.add(ticket)
+                    self._abandon(ticket)
                     return False
-            return True
+
+    def _abandon(self, ticket: int) -> None:
+        with self._cond:
+            if ticket == self._serving:  # our turn came meanwhile: pass it on
+                self._next_turn()
+            else:
+                self._abandoned.add(ticket)
+                self._cond.notify_all()  # those behind move up
 
     def release(self) -> None:
         with self._cond:
+            self._next_turn()
+
+    def _next_turn(self) -> None:
+        self._serving += 1
+        while self._serving in self._abandoned:
+            self._abandoned.discard(self._serving)
             self._serving += 1
-            while self._serving in self._abandoned:
-                self._abandoned.discard(self._serving)
-                self._serving += 1
-            self._cond.notify_all()
+        self._cond.notify_all()
 
 
 # -- HTTP ------------------------------------------------------------------------------------------
@@ -225,12 +265,24 @@ class ChatHandler(BaseHTTPRequestHandler):
         except APIError as exc:
             self._error(exc)
             return
-        if not self.server.generation_lock.acquire(give_up=lambda: _peer_closed(self.connection)):
+        self._queue_told = False
+        try:  # a streamed request is told its place in line while it waits (rag.protocol)
+            acquired = self.server.generation_lock.acquire(
+                give_up=lambda: _peer_closed(self.connection), on_wait=self._tell_queue if request.stream else None
+            )
+        except OSError:  # it left as we told it
+            acquired = False
+        if not acquired:
             log.info("client %s left while queued", self.client_address[0])
             self.close_connection = True
             return
         try:
-            self._complete(request)
+            if self._queue_told:
+                self._tell_queue(0)  # its turn
+            self._complete(request, opened=self._queue_told)
+        except OSError as exc:
+            log.info("client %s went away as its turn came (%s)", self.client_address[0], exc)
+            self.close_connection = True
         finally:
             self.server.generation_lock.release()
 
@@ -241,25 +293,40 @@ class ChatHandler(BaseHTTPRequestHandler):
 
     # chat
 
-    def _complete(self, request: ChatRequest) -> None:
+    def _complete(self, request: ChatRequest, *, opened: bool = False) -> None:
+        """Answer ``request``; ``opened``: its stream's head was sent already (it was queued),
+        so an error goes out as an error event, as it would mid-stream."""
         try:
             stream = self.server.runtime.stream_chat(
                 request.model, request.messages, max_tokens=request.max_tokens, temperature=request.temperature
             )
         except ContextLengthError as exc:
-            self._error(APIError(400, str(exc), param="messages", code="context_length_exceeded"))
+            self._refuse(APIError(400, str(exc), param="messages", code="context_length_exceeded"), opened)
             return
         except UnknownModelError as exc:
-            self._error(APIError(404, str(exc), param="model", code="model_not_found"))
+            self._refuse(APIError(404, str(exc), param="model", code="model_not_found"), opened)
             return
         except RagError as exc:
-            self._error(APIError(500, str(exc), type_="server_error"))
+            self._refuse(APIError(500, str(exc), type_="server_error"), opened)
             return
         with stream:
             if request.stream:
-                self._stream(request, stream)
+                self._stream(request, stream, opened=opened)
             else:
                 self._answer(request, stream)
+
+    def _refuse(self, error: APIError, opened: bool) -> None:
+        if opened:
+            self._event(error.body())
+        else:
+            self._error(error)
+
+    def _tell_queue(self, ahead: int) -> None:
+        """Tell a waiting streamed request how many are ahead (its stream's head goes out first)."""
+        if not self._queue_told:
+            self._open_stream()
+            self._queue_told = True
+        self.wfile.write(encode_queue_notice(ahead))
 
     def _answer(self, request: ChatRequest, stream: ChatStream) -> None:
         started = time.perf_counter()
@@ -292,19 +359,23 @@ class ChatHandler(BaseHTTPRequestHandler):
         }
         self._json(200, body)
 
-    def _stream(self, request: ChatRequest, stream: ChatStream) -> None:
-        head = envelope("chat.completion.chunk", request.model)
-        extra = {"usage": None} if request.include_usage else {}
-
-        def chunk(delta: dict[str, str], finish_reason: str | None = None) -> dict[str, Any]:
-            return {**head, "choices": [{"index": 0, "delta": delta, "finish_reason": finish_reason}], **extra}
-
+    def _open_stream(self) -> None:
         self.close_connection = True  # the stream ends when the connection does
         self.send_response(200)
         self.send_header("Content-Type", "text/event-stream; charset=utf-8")
         self.send_header("Cache-Control", "no-cache")
         self.send_header("Connection", "close")
         self.end_headers()
+
+    def _stream(self, request: ChatRequest, stream: ChatStream, *, opened: bool = False) -> None:
+        head = envelope("chat.completion.chunk", request.model)
+        extra = {"usage": None} if request.include_usage else {}
+
+        def chunk(delta: dict[str, str], finish_reason: str | None = None) -> dict[str, Any]:
+            return {**head, "choices": [{"index": 0, "delta": delta, "finish_reason": finish_reason}], **extra}
+
+        if not opened:
+            self._open_stream()
         started = time.perf_counter()
         try:
             self._event(chunk({"role": "assistant", "content": ""}))

@@ -2,7 +2,8 @@
 
 A file becomes ``Document``s (one per PDF page, or per file), documents become ``Chunk``s,
 a search returns ``Hit``s. Paths are POSIX strings relative to the corpus directory.
-A conversation is ``Message``s; a model's streamed answer is ``ChatDelta``s then one ``ChatDone``.
+A conversation is ``Message``s; a model's streamed answer is ``ChatDelta``s then one ``ChatDone``,
+after ``Queued`` notices while a busy server keeps the request waiting.
 """
 
 from __future__ import annotations
@@ -115,3 +116,12 @@ class ChatDone:
 
 
 ChatEvent = ChatDelta | ChatDone
+
+
+@dataclass(frozen=True)
+class Queued:
+    """The server holds the request in line behind ``ahead`` others (the one it is answering
+    included); ``ahead == 0``: its turn has come. Only before an answer's first delta, and only
+    from a server that says so (``rag serve``: see ``rag.protocol``)."""
+
+    ahead: int

@@ -214,6 +214,24 @@ def test_a_question_is_drawn_as_it_goes_and_the_first_token_replaces_the_placeho
                             Message("assistant", "Turn it weekly.")]  # fmt: skip
 
 
+def test_a_busy_model_shows_the_place_in_line_in_the_answers_placeholder(
+    app: ModuleType, shared: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    page = Page()
+    body = b": queued 2\n\n: queued 1\n\n: queued 0\n\n" + sse("Turn ", "it weekly [1].", model=MODEL)
+    endpoint = Endpoint(lambda _: sse_response(body))
+    ask(app, shared, endpoint, "How often should the compost pile be turned?", page, monkeypatch)
+    assert page.kinds()[:6] == ["step Retrieval done", "token", "token replaces", "token replaces", "token replaces",
+                                "step Retrieval done"]  # fmt: skip
+    assert [text for _, text in page.log[1:5]] == [
+        app.render.READING,
+        "_2 questions ahead of yours: the model answers one at a time…_",
+        "_1 question ahead of yours: the model answers one at a time…_",
+        app.render.READING,  # its turn: the model reads the passages
+    ]
+    assert page.log[6] == ("token replaces", "Turn ")
+
+
 def test_a_follow_up_shows_its_rewrite_and_the_chosen_model_answers(
     app: ModuleType, shared: Any, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -21,7 +21,7 @@ from rag.errors import (
     EndpointUnreachableError,
     UnknownModelError,
 )
-from rag.types import ChatDelta, ChatDone, ChatEvent, Message
+from rag.types import ChatDelta, ChatDone, ChatEvent, Message, Queued
 from tests.sse import chunk
 
 BASE = "http://127.0.0.1:5273/v1"
@@ -463,6 +463,45 @@ def test_first_token_timeout_while_waiting_for_headers() -> None:
 
     with pytest.raises(EndpointTimeoutError, match="first-token timeout"):
         stream_events_with(handler, first_token_timeout=0.05)
+
+
+# --- a busy server's queue ------------------------------------------------------------------
+
+
+def queued(ahead: int) -> bytes:
+    return f": queued {ahead}\n\n".encode()
+
+
+def test_queue_notices_come_before_the_first_delta_and_not_after() -> None:
+    body = FakeStream(queued(2), queued(1), queued(0), chunk("Hel"), queued(3), chunk("lo"), chunk(finish="stop"), DONE)
+    events = stream_events(body)
+    assert events[:5] == [Queued(2), Queued(1), Queued(0), ChatDelta("Hel"), ChatDelta("lo")]
+    assert isinstance(events[5], ChatDone) and len(events) == 6
+
+
+def test_a_queue_that_keeps_moving_restarts_the_first_token_clock() -> None:
+    """1.2 s in line with a 0.6 s first-token timeout: every step forward is progress."""
+    parts: list[bytes | float] = [queued(5)]
+    for ahead in range(4, -1, -1):
+        parts += [0.2, queued(ahead)]
+    body = FakeStream(*parts, 0.2, chunk("Hi"), chunk(finish="stop"), DONE)
+    events = stream_events(body, first_token_timeout=0.6)
+    assert [e for e in events if isinstance(e, Queued)] == [Queued(n) for n in range(5, -1, -1)]
+    assert ChatDelta("Hi") in events
+
+
+def test_a_queue_that_does_not_move_times_out_like_a_silent_server() -> None:
+    body = FakeStream(queued(2), 0.2, queued(2), 0.2, queued(2), 0.2, queued(2), 5.0, chunk("late"))
+    received: list[ChatEvent | Queued] = []
+
+    async def main() -> None:
+        async with chat_client(lambda request: sse_response(body), first_token_timeout=0.5) as chat:
+            async for event in chat.stream(QUESTION, model=MODEL):
+                received.append(event)
+
+    with pytest.raises(EndpointTimeoutError, match="waiting behind 2 others for 0.5 s without the line moving"):
+        asyncio.run(main())
+    assert set(received) == {Queued(2)} and len(received) < 4 and body.closed  # repeats are no progress
 
 
 def test_idle_timeout_between_tokens() -> None:

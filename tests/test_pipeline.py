@@ -18,7 +18,7 @@ from rag.indexing import index_params, sync_index
 from rag.pipeline import AskOptions, Retrieved, Rewriting, Rewritten, ask, remember, retrieve
 from rag.retrieval import LiveIndex
 from rag.routing import Router
-from rag.types import ChatDelta, Message
+from rag.types import ChatDelta, Message, Queued
 from tests.fakes import FakeEmbedder
 from tests.sse import sse as sse_body
 
@@ -257,6 +257,48 @@ async def test_closing_the_questions_events_closes_the_answers_stream(
                  options=AskOptions(min_relevance=0.1), count=words)  # fmt: skip
     async for event in events:
         if isinstance(event, ChatDelta):
+            break
+    await events.aclose()
+    assert closed.is_set()
+    await router.aclose()
+
+
+async def test_queue_notices_come_between_the_passages_and_the_answer(
+    indexed: tuple[Settings, FakeEmbedder, LiveIndex],
+) -> None:
+    settings, embedder, live = indexed
+    body = b": queued 2\n\n: queued 1\n\n: queued 0\n\n" + sse("Turn it ", "every week [1].")
+    endpoint = Endpoint(lambda _: httpx.Response(200, content=body, headers={"content-type": "text/event-stream"}))
+    events = await run("how often to turn the compost pile", [], settings, embedder, live, endpoint)
+    kinds = [type(e).__name__ for e in events]
+    assert kinds == ["Retrieved", "Queued", "Queued", "Queued", "Started", "ChatDelta", "ChatDelta", "ChatDone"]
+    assert [e.ahead for e in events if isinstance(e, Queued)] == [2, 1, 0]
+    assert events[4].answer.text == "Turn it every week [1]."
+
+
+async def test_closing_the_questions_events_while_queued_gives_the_place_up(
+    indexed: tuple[Settings, FakeEmbedder, LiveIndex],
+) -> None:
+    """The stop button (or a chat that goes away) while the model answers others: the request's
+    stream is closed, which is how the server knows to skip it."""
+    settings, embedder, live = indexed
+    closed = asyncio.Event()
+
+    class Waiting(httpx.AsyncByteStream):
+        async def __aiter__(self) -> AsyncIterator[bytes]:
+            yield b": queued 3\n\n"
+            await asyncio.sleep(30)
+
+        async def aclose(self) -> None:
+            closed.set()
+
+    endpoint = Endpoint(lambda body: httpx.Response(200, stream=Waiting(), headers={"content-type": "text/event-stream"}))
+    router = routed(settings, endpoint)
+    events = ask("how often to turn the compost pile", index=live, embedder=embedder, router=router,
+                 options=AskOptions(min_relevance=0.1), count=words)  # fmt: skip
+    async for event in events:
+        if isinstance(event, Queued):
+            assert event.ahead == 3
             break
     await events.aclose()
     assert closed.is_set()

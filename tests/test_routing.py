@@ -14,7 +14,7 @@ from rag.config import Settings, load_settings
 from rag.endpoints import EndpointsConfig, EndpointSpec, load_endpoints, parse_endpoints
 from rag.errors import ConfigError, EndpointError, PolicyError
 from rag.routing import LocalOnlyTransport, Router, classify_task, order_candidates
-from rag.types import ChatDelta, ChatDone, Chunk, Hit, Message
+from rag.types import ChatDelta, ChatDone, Chunk, Hit, Message, Queued
 from tests.sse import sse_response
 from tests.sse import sse as sse_body
 
@@ -201,6 +201,51 @@ async def test_no_fallback_after_the_first_token(tmp_path: Path) -> None:
     with pytest.raises(EndpointError, match="middle of an answer"):
         await text_of(reply)
     assert calls == ["127.0.0.1"]
+    await r.aclose()
+
+
+async def test_a_queue_notice_is_not_a_first_token(tmp_path: Path) -> None:
+    """A busy local server holds the request in line (and says so), then goes silent: nothing of
+    its answer was shown, so the next candidate answers. Its notices reached ``on_queued``."""
+
+    class QueuedThenSilent(httpx.AsyncByteStream):
+        async def __aiter__(self):  # type: ignore[no-untyped-def]
+            yield b": queued 2\n\n"
+            await asyncio.sleep(5)
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        if request.url.host == "127.0.0.1":
+            return httpx.Response(200, stream=QueuedThenSilent(), headers={"content-type": "text/event-stream"})
+        return sse_response(sse("answer from big [1]", "big"))
+
+    told: list[Queued] = []
+
+    async def on_queued(notice: Queued) -> None:
+        told.append(notice)
+
+    s = Settings(data_dir=tmp_path, connect_retries=0, first_token_timeout=0.3)
+    r = Router(s.replace(policy="local-first"), EndpointsConfig((LOCAL, CLOUD), {}, "t"),
+               transport=httpx.MockTransport(handler), environ={})  # fmt: skip
+    reply = await r.answer("q", HITS, on_queued=on_queued)
+    assert await text_of(reply) == "answer from big [1]"
+    assert told == [Queued(2)]
+    assert reply.route is not None and "waiting behind 2 others" in reply.route.fallback
+    await r.aclose()
+
+
+async def test_a_queued_answer_starts_when_its_turn_comes(tmp_path: Path) -> None:
+    body = b": queued 1\n\n: queued 0\n\n" + sse("answer from small [1]", "small")
+    told: list[Queued] = []
+
+    async def on_queued(notice: Queued) -> None:
+        told.append(notice)
+
+    s = Settings(data_dir=tmp_path, connect_retries=0)
+    r = Router(s.replace(policy="local-first"), EndpointsConfig((LOCAL, CLOUD), {}, "t"),
+               transport=httpx.MockTransport(lambda request: sse_response(body)), environ={})  # fmt: skip
+    reply = await r.answer("q", HITS, on_queued=on_queued)
+    assert told == [Queued(1), Queued(0)] and reply.queued == Queued(0)
+    assert await text_of(reply) == "answer from small [1]" and reply.route is not None and not reply.route.fallback
     await r.aclose()
 
 

@@ -425,6 +425,119 @@ def test_fair_lock_serves_in_order_and_skips_abandoned() -> None:
     assert lock.queued == 0
 
 
+def test_fair_lock_tells_each_waiter_its_place_as_it_changes() -> None:
+    lock = FairLock()
+    assert lock.acquire()
+    places: dict[str, list[int]] = {"b": [], "c": []}
+    served: list[str] = []
+    finish = {"b": threading.Event(), "c": threading.Event()}
+
+    def wait(name: str) -> None:
+        assert lock.acquire(on_wait=places[name].append, poll=0.01)
+        served.append(name)
+        finish[name].wait(5)
+        lock.release()
+
+    b = threading.Thread(target=wait, args=("b",))
+    b.start()
+    wait_until(lambda: places["b"] == [1])
+    c = threading.Thread(target=wait, args=("c",))
+    c.start()
+    wait_until(lambda: places["c"] == [2])
+    lock.release()
+    wait_until(lambda: served == ["b"] and places["c"] == [2, 1])  # b answers, c is next
+    finish["b"].set()
+    wait_until(lambda: served == ["b", "c"])
+    finish["c"].set()
+    b.join(2)
+    c.join(2)
+    assert places == {"b": [1], "c": [2, 1]}
+    assert lock.acquire(on_wait=places["b"].append)  # nobody ahead: nothing to tell
+    assert places["b"] == [1]
+
+
+def test_a_waiter_that_cannot_be_told_gives_its_place_up() -> None:
+    lock = FairLock()
+    assert lock.acquire()
+
+    def gone(ahead: int) -> None:
+        raise BrokenPipeError("client left")
+
+    with pytest.raises(BrokenPipeError):
+        lock.acquire(on_wait=gone, poll=0.01)
+    assert lock.queued == 1
+    lock.release()
+    assert lock.acquire(poll=0.01)  # not stuck behind the one that left
+
+
+def _stream_lines(url: str, content: str, lines: list[str], *, leave: threading.Event | None = None) -> None:
+    """Stream a chat request, appending each non-empty line as it comes: all of them, or, given
+    ``leave``, up to the first ``data:`` line, then hold the stream until ``leave`` is set."""
+    with httpx.Client(trust_env=False, timeout=30) as c:
+        with c.stream("POST", f"{url}/chat/completions", json=chat(content, stream=True)) as response:
+            for line in response.iter_lines():
+                if line:
+                    lines.append(line)
+                if leave is not None and line.startswith("data: "):
+                    leave.wait(10)
+                    return
+
+
+def test_queued_streams_are_told_their_place_then_their_turn(server: OpenAIServer, runtime: FakeRuntime) -> None:
+    """rag serve answers one request at a time: a streamed request that has to wait gets ``: queued N``
+    comments (OpenAI clients skip them) as its place changes, ``: queued 0`` when its turn comes; one
+    that did not wait gets none."""
+    runtime.delay = 0.01
+    first: list[str] = []
+    leave = threading.Event()
+    holder = threading.Thread(target=_stream_lines, args=(server.url, "forever", first), kwargs={"leave": leave})
+    holder.start()
+    wait_until(lambda: runtime.started == ["forever"])
+    second: list[str] = []
+    third: list[str] = []
+    threads = [threading.Thread(target=_stream_lines, args=(server.url, "second", second))]
+    threads[0].start()
+    wait_until(lambda: second == [": queued 1"])
+    threads.append(threading.Thread(target=_stream_lines, args=(server.url, "third", third)))
+    threads[1].start()
+    wait_until(lambda: third == [": queued 2"])
+    leave.set()  # the first one leaves: its generation stops, the line moves
+    holder.join(10)
+    for t in threads:
+        t.join(10)
+    assert [line for line in first if line.startswith(":")] == []
+    assert second[:2] == [": queued 1", ": queued 0"] and third[:3] == [": queued 2", ": queued 1", ": queued 0"]
+    for lines, word in ((second, "second"), (third, "third")):
+        data = [line for line in lines[2:] if not line.startswith(":")]
+        text = "".join(json.loads(d[6:])["choices"][0]["delta"].get("content", "") for d in data[:-1]
+                       if json.loads(d[6:])["choices"])  # fmt: skip
+        assert text == f"echo: {word} " and data[-1] == "data: [DONE]"
+    assert runtime.started == ["forever", "second", "third"] and not runtime.overlapped
+
+
+def test_a_queued_stream_that_leaves_is_never_served(server: OpenAIServer, runtime: FakeRuntime) -> None:
+    runtime.delay = 0.01
+    body = json.dumps(chat("queued then gone", stream=True)).encode()
+    host, port = server.server_address[:2]
+    with socket.create_connection((host, port)) as sock:  # holds the model while the other waits
+        sock.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                     + f"Content-Length: {len(json.dumps(chat('forever', stream=True)))}\r\n\r\n".encode()
+                     + json.dumps(chat("forever", stream=True)).encode())  # fmt: skip
+        wait_until(lambda: runtime.started == ["forever"])
+        with socket.create_connection((host, port)) as waiting:
+            waiting.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                            + f"Content-Length: {len(body)}\r\n\r\n".encode() + body)  # fmt: skip
+            head = b""
+            while b": queued 1\n\n" not in head:
+                head += waiting.recv(4096)
+            assert head.startswith(b"HTTP/1.1 200") and b"text/event-stream" in head
+        wait_until(lambda: server.generation_lock.queued == 1)  # its place is given up while the first runs
+    assert runtime.stopped.wait(5)
+    with httpx.Client(trust_env=False, timeout=10) as c:
+        assert c.post(f"{server.url}/chat/completions", json=chat("last")).json()["choices"]
+    assert runtime.started == ["forever", "last"]
+
+
 # -- process lifecycle ----------------------------------------------------------------------------
 
 
