@@ -520,11 +520,6 @@ async def on_stop() -> None:
         task.cancel()
 
 
-@cl.on_message
-async def on_message(message: cl.Message) -> None:
-    state = shared()
-    chat = chat_state()
-    chat.task = asyncio.current_task()
 @cl.on_chat_end
 async def on_chat_end() -> None:
     """The page went away (closed, reloaded, another chat opened, the connection lost): its
@@ -535,6 +530,11 @@ async def on_chat_end() -> None:
         task.cancel()
 
 
+@cl.on_message
+async def on_message(message: cl.Message) -> None:
+    state = shared()
+    chat = chat_state()
+    chat.task = asyncio.current_task()
     try:
         files = [e for e in (message.elements or []) if getattr(e, "path", None)]
         if files and not access.may(role(), "upload"):  # the guard refuses the upload itself; this is a second check
@@ -622,14 +622,14 @@ async def answer_question(state: Shared, chat: ChatState, question: str) -> None
                     # created_at now: a message only streamed, then updated, is stored without one
                     drawn.answer = cl.Message(content="", created_at=utc_now())
                     await drawn.answer.stream_token(render.READING)  # the first token replaces it
+                elif isinstance(event, Queued) and drawn.answer is not None and not drawn.streaming:
+                    # the model answers others first: say where this one is instead of a silent spinner
+                    await drawn.answer.stream_token(render.queue_text(event.ahead), is_sequence=True)
                 elif isinstance(event, Started):
                     drawn.stream = event.answer
                     await drawn.retrieved(drawn.found, options, sent=event.answer.hits)  # type: ignore[arg-type]
                     connection = router.opened(options.policy)
                     if connection is not None and connection.models != list(chat.models_shown):
-                elif isinstance(event, Queued) and drawn.answer is not None and not drawn.streaming:
-                    # the model answers others first: say where this one is instead of a silent spinner
-                    await drawn.answer.stream_token(render.queue_text(event.ahead), is_sequence=True)
                         await send_settings(chat, connection)  # it came back, or with other models
                 elif isinstance(event, ChatDelta) and drawn.answer is not None:
                     await drawn.answer.stream_token(event.text, is_sequence=not drawn.streaming)

@@ -418,9 +418,9 @@ class Router:
         max_answer_tokens: int | None = None,
         candidates: Sequence[EndpointSpec] | None = None,
         system: str = SYSTEM_PROMPT,
+        on_queued: Callable[[Queued], Awaitable[None]] | None = None,
     ) -> Answer:
         """Start the answer at the first candidate that gives a first token (``model`` at the
-        on_queued: Callable[[Queued], Awaitable[None]] | None = None,
         first, if given); raises the last error, with every reason, when none does.
         ``on_queued`` gets each candidate's queue notices while it waits for that token."""
         policy = policy or self.settings.policy
@@ -451,9 +451,9 @@ class Router:
                     )
                     continue
                 reply.on_error = self._forgetter(spec)
+                reply.on_queued = on_queued
                 await reply.start()
             except (EndpointError, ContextLengthError, PolicyError, ConfigError) as exc:
-                reply.on_queued = on_queued
                 last_error = exc
                 reasons.append(f"{spec.name} {spec.model or ''} {_why(exc)}".replace("  ", " "))
                 continue
