@@ -30,7 +30,6 @@ import codecs
 import contextlib
 import json
 from collections.abc import AsyncGenerator, AsyncIterator, Iterator, Sequence
-from contextlib import aclosing
 from types import TracebackType
 from typing import Any, cast
 
@@ -107,6 +106,28 @@ def _normalise_base_url(base_url: str) -> str:
 
 # How long to wait for the end of a body after [DONE] before closing it anyway.
 DRAIN_TIMEOUT = 1.0
+
+
+async def _end_body(response: httpx.Response, chunks: AsyncGenerator[bytes, None]) -> None:
+    """Close a response body, also one we stopped reading half-way, leaving nothing of it to
+    the garbage collector.
+
+    httpx reads a body through six nested async generators (``aiter_bytes`` → ``aiter_raw`` → …
+    → httpcore's ``_receive_response_body``). Closing the outer one, which is all ``aclosing``
+    does, leaves the inner ones suspended; the collector finalizes them later, outside any task,
+    and httpcore's clean-up then logs "async generator ignored GeneratorExit" or "no running
+    event loop" tracebacks (encode/httpx#3777). So the connection is closed first (the server
+    sees us go and stops generating), then the generators are run on: reading the closed
+    connection fails at once (after what was already buffered), and that error ends each of
+    them in turn, innermost first."""
+    try:
+        await response.aclose()
+        with contextlib.suppress(TimeoutError, httpx.HTTPError, httpx.StreamError):
+            async with asyncio.timeout(DRAIN_TIMEOUT):
+                async for _ in chunks:
+                    pass
+    finally:
+        await chunks.aclose()
 
 
 class ChatClient:
@@ -257,9 +278,9 @@ class ChatClient:
             answer = StreamState()
             splitter, builder = LineSplitter(), EventBuilder()
             utf8 = codecs.getincrementaldecoder("utf-8")(errors="replace")
-            raw_chunks = cast(AsyncGenerator[bytes, None], response.aiter_bytes())
+            chunks = cast(AsyncGenerator[bytes, None], response.aiter_bytes())
             ahead: int | None = None  # the last place in line the server told
-            async with aclosing(raw_chunks) as chunks:
+            try:
                 closed = False
                 while not (answer.ended or closed):
                     try:
@@ -297,6 +318,8 @@ class ChatClient:
                         async with asyncio.timeout(DRAIN_TIMEOUT):
                             async for _ in chunks:
                                 pass
+            finally:
+                await _end_body(response, chunks)
             yield answer.done()
         finally:
             await response.aclose()

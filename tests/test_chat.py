@@ -5,7 +5,11 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import sys
+import threading
+import time
 from collections.abc import AsyncIterator, Callable
+from http.server import BaseHTTPRequestHandler
 from typing import Any
 
 import httpx
@@ -22,6 +26,7 @@ from rag.errors import (
     UnknownModelError,
 )
 from rag.types import ChatDelta, ChatDone, ChatEvent, Message, Queued
+from tests.apphost import http_server
 from tests.sse import chunk
 
 BASE = "http://127.0.0.1:5273/v1"
@@ -40,7 +45,8 @@ FOUNDRY_IDS = [
 
 class FakeStream(httpx.AsyncByteStream):
     """A response body: bytes are sent, floats are pauses, exceptions are raised.
-    Records whether the client closed it."""
+    Records whether the client closed it; once closed, it sends nothing more (as a closed
+    connection does)."""
 
     def __init__(self, *parts: bytes | float | Exception) -> None:
         self.parts = parts
@@ -49,6 +55,8 @@ class FakeStream(httpx.AsyncByteStream):
 
     async def __aiter__(self) -> AsyncIterator[bytes]:
         for part in self.parts:
+            if self.closed:
+                return
             if isinstance(part, float):
                 await asyncio.sleep(part)
             elif isinstance(part, Exception):
@@ -502,6 +510,91 @@ def test_a_queue_that_does_not_move_times_out_like_a_silent_server() -> None:
     with pytest.raises(EndpointTimeoutError, match="waiting behind 2 others for 0.5 s without the line moving"):
         asyncio.run(main())
     assert set(received) == {Queued(2)} and len(received) < 4 and body.closed  # repeats are no progress
+
+
+# --- a stream we stop: nothing left to the garbage collector ---------------------------------
+
+
+class SlowSSE(BaseHTTPRequestHandler):
+    """A real HTTP server's slow stream (chunked, one delta every 20 ms, 10 s in all)."""
+
+    protocol_version = "HTTP/1.1"
+    cut = threading.Event()  # the client went away mid-stream
+
+    def log_message(self, *args: Any) -> None:
+        pass
+
+    def do_POST(self) -> None:  # noqa: N802 - the stdlib's name
+        self.rfile.read(int(self.headers["content-length"]))
+        self.send_response(200)
+        self.send_header("content-type", "text/event-stream")
+        self.send_header("transfer-encoding", "chunked")
+        self.end_headers()
+        try:
+            for i in range(500):
+                data = chunk(f"w{i} ")
+                self.wfile.write(f"{len(data):x}\r\n".encode() + data + b"\r\n")
+                self.wfile.flush()
+                time.sleep(0.02)
+        except OSError:
+            SlowSSE.cut.set()
+
+
+@pytest.mark.parametrize("how", ["closed between deltas", "cancelled while the reader is busy", "idle timeout"])
+def test_a_stream_stopped_half_way_is_closed_by_us(how: str) -> None:
+    """httpx reads a body through nested async generators: stopping half-way must end every one
+    of them, not leave them suspended for the garbage collector (which then logs httpcore's
+    "async generator ignored GeneratorExit" tracebacks); and the server must see us go."""
+    SlowSSE.cut.clear()
+    left: list[str] = []
+
+    async def main(url: str) -> None:
+        firstiter, finalizer = sys.get_asyncgen_hooks()
+        made: list[Any] = []
+
+        def track(agen: Any) -> None:
+            if "/httpx/" in agen.ag_code.co_filename or "/httpcore/" in agen.ag_code.co_filename:
+                made.append(agen)
+            if firstiter is not None:
+                firstiter(agen)
+
+        sys.set_asyncgen_hooks(firstiter=track, finalizer=finalizer)
+        try:
+            async with ChatClient(url, idle_timeout=0.01 if how == "idle timeout" else 60) as chat:
+                stream = chat.stream(QUESTION, model=MODEL)
+                if how == "closed between deltas":
+                    async with contextlib.aclosing(stream):
+                        async for event in stream:
+                            if event == ChatDelta("w2 "):
+                                break
+                elif how == "cancelled while the reader is busy":
+                    busy = asyncio.Event()
+
+                    async def read() -> None:
+                        async with contextlib.aclosing(stream):
+                            async for event in stream:
+                                if event == ChatDelta("w2 "):
+                                    busy.set()
+                                    await asyncio.sleep(30)  # drawing it, say: not reading the stream
+
+                    task = asyncio.create_task(read())
+                    await busy.wait()
+                    task.cancel()
+                    with pytest.raises(asyncio.CancelledError):
+                        await task
+                else:
+                    with pytest.raises(EndpointTimeoutError):
+                        async for _ in stream:
+                            pass
+                assert made, "httpx made no generators: the test would prove nothing"
+                left.extend(g.ag_code.co_qualname for g in made if g.ag_frame is not None)
+        finally:
+            sys.set_asyncgen_hooks(firstiter=firstiter, finalizer=finalizer)
+
+    with http_server(SlowSSE) as url:
+        asyncio.run(main(url))
+        assert SlowSSE.cut.wait(5), "the server kept streaming to nobody"
+    assert left == []
 
 
 def test_idle_timeout_between_tokens() -> None:
