@@ -59,6 +59,7 @@ from starlette.responses import JSONResponse
 
 from rag import access, history, render
 from rag.answering import Answer
+from rag.asgi import APIServer, start_api
 from rag.config import POLICIES, RETRIEVAL_MODES, Settings, load_settings
 from rag.errors import (
     ConfigError,
@@ -238,6 +239,7 @@ class Shared:
         self.announced: set[tuple[str, str]] = set()  # skipped files, named once
         self.library = Library(settings, embedder, on_update=self.updated, on_error=self.failed)
         self._router: Router | None = None
+        self.api: APIServer | None = None  # the OpenAI-compatible API (rag/asgi.py), from app start
 
     def router(self) -> Router:
         """The router, made on first use: a broken endpoints file is reported to the chat that
@@ -272,6 +274,8 @@ class Shared:
             log.exception("could not notify chat %s", session_id)
 
     async def close(self) -> None:
+        if self.api is not None:
+            await self.api.stop()
         await self.library.close()
         if self._router is not None:
             await self._router.aclose()
@@ -371,6 +375,7 @@ async def on_app_startup() -> None:
     state = shared()
     log.info("corpus %s, index %s", state.settings.corpus_dir, state.settings.index_dir)
     state.library.start()
+    state.api = await start_api(state.settings, state.library, state.router)  # RAG_API_PORT, 0: none
 
 
 @cl.on_app_shutdown

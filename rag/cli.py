@@ -363,7 +363,7 @@ def cmd_serve(args: argparse.Namespace, settings: Settings) -> int:
 
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     serve(settings.replace(model=args.model or settings.model), host=args.host, port=args.port,
-          model_dirs=args.model_dir)  # fmt: skip
+          model_dirs=args.model_dir, documents=not args.no_documents)  # fmt: skip
     return 0
 
 
@@ -462,11 +462,15 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("status", help="what is indexed")
     p.add_argument("--files", action="store_true", help="list every indexed file")
 
-    p = sub.add_parser("serve", help="serve the local model over an OpenAI-compatible API (Foundry Local runtime)")
+    p = sub.add_parser("serve", help="serve the local models, and rag:<model> answering from your documents, "
+                                     "over an OpenAI-compatible API")  # fmt: skip
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=0, help="0 picks a free port and prints it")
     p.add_argument("--model-dir", action="append", help="an ONNX GenAI model folder (default: every built model)")
     p.add_argument("--model", help="the model to list first: a built model's name (RAG_MODEL)")
+    p.add_argument("--no-documents", action="store_true",
+                   help="serve the bare models only, without the rag:<model> models that answer from your "
+                        "documents (the app starts it so: it serves those itself)")  # fmt: skip
 
     p = sub.add_parser("model", help="build the offline chat models")
     p.add_argument("action", choices=("build", "list", "needed"))

@@ -87,6 +87,10 @@ class Settings:
     temperature: float = 0.2
     # rag serve: streamed tokens gather this long between writes (0: one event per token).
     serve_flush_ms: float = 25.0
+    # The OpenAI-compatible API the app serves next to the chat (rag/asgi.py; port 0: none).
+    # Off loopback it requires RAG_API_KEY, as `rag serve` does.
+    api_host: str = "127.0.0.1"
+    api_port: int = 8001
     # Routing (rag/routing.py): which endpoints may answer, and the file that names them.
     policy: str = "local-only"
     endpoints_file: Path = Path("endpoints.toml")
@@ -136,6 +140,8 @@ class Settings:
                 f"RAG_EMBED_BATCH_SIZE={self.embed_batch_size} and RAG_EMBED_GROUP={self.embed_group} "
                 "must be at least 1"
             )
+        if not 0 <= self.api_port <= 65535:
+            raise ConfigError(f"RAG_API_PORT={self.api_port} is not a port: use 1-65535, or 0 for no API")
         if self.max_file_mb <= 0:
             raise ConfigError(f"RAG_MAX_FILE_MB={self.max_file_mb} must be positive")
         if self.auth not in AUTH_MODES:

@@ -128,7 +128,10 @@ def start_background(
         url = find_running(data_dir)
         if url:
             return url, lambda: None
-        command = [sys.executable, "-m", "rag", "--data-dir", str(data_dir), "serve", "--host", host, "--port", "0"]
+        # --no-documents: the app (or `rag ask`) has its own index and embedding model; a second
+        # copy in the server would only cost memory.
+        command = [sys.executable, "-m", "rag", "--data-dir", str(data_dir), "serve", "--host", host, "--port", "0",
+                   "--no-documents"]  # fmt: skip
         for model_dir in model_dirs or []:
             command += ["--model-dir", str(model_dir)]
         if settings.model and not model_dirs:

@@ -414,12 +414,29 @@ def _text_of(content: Any, index: int) -> str:
 
 def parse_chat_request(body: bytes, available: Sequence[str]) -> ChatRequest:
     """Validate a ``/v1/chat/completions`` body; raise ``APIError`` as OpenAI would."""
+    return chat_request(decode_body(body), available)
+
+
+def decode_body(body: bytes) -> dict[str, Any]:
+    """A request body as a JSON object; ``APIError`` 400 when it is not one.
+
+    >>> decode_body(b'{"model": "m"}')
+    {'model': 'm'}
+    """
     try:
         data = json.loads(body)
-    except (ValueError, UnicodeDecodeError) as exc:
+    except (ValueError, UnicodeDecodeError, RecursionError) as exc:
         raise APIError(400, f"We could not parse the JSON body of your request ({exc}).") from exc
     if not isinstance(data, dict):
         raise APIError(400, "The request body must be a JSON object.")
+    return data
+
+
+def chat_request(data: dict[str, Any], available: Sequence[str]) -> ChatRequest:
+    """Validate a decoded ``/v1/chat/completions`` body against the ``available`` model ids.
+
+    Fields this server does not act on (``tools``, ``tool_choice``, ``top_p``, ``user``, …) are
+    ignored, as a model that never calls tools would."""
     model = data.get("model")
     if not isinstance(model, str) or not model:
         raise APIError(400, "You must provide a model parameter.", param="model", code="missing_required_parameter")
@@ -434,7 +451,10 @@ def parse_chat_request(body: bytes, available: Sequence[str]) -> ChatRequest:
             raise APIError(
                 400, f"messages[{index}].role must be one of {', '.join(ROLES)}", param=f"messages[{index}].role"
             )
-        messages.append({"role": message["role"], "content": _text_of(message.get("content"), index)})
+        content = message.get("content")
+        if content is None and message["role"] == "assistant":
+            content = ""  # OpenAI allows it (an assistant turn that only called tools)
+        messages.append({"role": message["role"], "content": _text_of(content, index)})
     stream = data.get("stream", False)
     if not isinstance(stream, bool):
         raise APIError(400, "stream must be a boolean", param="stream")

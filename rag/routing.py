@@ -343,7 +343,9 @@ class Router:
         try:
             client = conn.client(policy)
             cards = await client.model_cards()
-            conn.windows = {str(c["id"]): int(c.get("context_length") or 0) for c in cards}
+            # A ``rag:`` model (rag serve's retrieval models, rag/api.py) retrieves again: never ours to ask.
+            conn.windows = {str(c["id"]): int(c.get("context_length") or 0) for c in cards
+                            if not str(c["id"]).startswith("rag:")}  # fmt: skip
             if spec.model:
                 conn.model = conn.pick(spec.model)
             elif conn.windows:

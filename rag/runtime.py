@@ -267,8 +267,10 @@ class FoundryRuntime:
             session.set_streaming(True)
             request = _build_request(messages)
             search = SearchOptions(max_output_tokens=max_tokens)
+            # Greedy at 0 (OpenAI's meaning). None leaves the runtime's own default, which samples:
+            # genai_config.json says do_sample false, yet three calls with the same prompt gave
+            # three different answers. So `rag serve` always sends one (RAG_TEMPERATURE by default).
             if temperature is not None:
-                # Greedy at 0 (OpenAI's meaning); the GenAI default is greedy regardless of temperature.
                 search.do_sample = temperature > 0
                 if temperature > 0:
                     search.temperature = temperature

@@ -3,11 +3,24 @@
 Routes (loopback only by default)::
 
     GET  /health                 {"status": "ok", "models": [...], "queued": n}
-    GET  /v1/models              OpenAI list shape
+    GET  /v1/models              OpenAI list shape: the bare models, then rag:<model> for each
     POST /v1/chat/completions    stream (SSE, ``data: [DONE]``) or one JSON answer
 
 So the app talks to this server exactly as it talks to a Foundry Local service or any other
-OpenAI-compatible endpoint: one client, one code path.
+OpenAI-compatible endpoint: one client, one code path. ``rag:<model>`` answers from the data
+directory's documents (``rag.api``; ``Documents``): a library over its index, watched, on an
+event loop of its own, whose router asks this same server's bare model over HTTP. That request
+waits in line for the generation lock like any other; the ``rag:`` request holds no lock, so
+neither waits for the other. ``--no-documents`` (what the app's launcher starts) serves the
+bare models only.
+
+Safety: off loopback every route but ``/health`` wants ``RAG_API_KEY`` as a bearer token
+(compared in constant time), and without one the server refuses to start. Bodies are limited
+(``rag.api.MAX_BODY_BYTES``, and a ``Content-Length`` is required); anything malformed, even
+a request line the standard library refuses, gets an OpenAI-shaped error, and an unexpected
+failure a 500 whose details stay in the log. A request without ``temperature`` or
+``max_tokens`` gets ``RAG_TEMPERATURE`` and ``RAG_MAX_ANSWER_TOKENS``: the runtime's own
+defaults sample up to the whole context window.
 
 Trade-offs:
 
@@ -38,7 +51,9 @@ Trade-offs:
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
+import dataclasses
 import json
 import logging
 import os
@@ -49,21 +64,55 @@ import socket
 import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
+from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
+from rag.api import (
+    MAX_BODY_BYTES,
+    DocumentModels,
+    Reply,
+    check_key,
+    is_retrieval_model,
+    key_policy,
+    retrieval_models,
+)
 from rag.config import Settings
-from rag.errors import ContextLengthError, EndpointError, ModelBuildError, RagError, UnknownModelError
-from rag.launcher import DEFAULT_HOST, find_running, remove_state, state_path, write_state
+from rag.embedding import Embedder
+from rag.endpoints import DEFAULT_NAME, EndpointsConfig, EndpointSpec
+from rag.errors import (
+    ContextLengthError,
+    EndpointError,
+    ModelBuildError,
+    RagError,
+    UnknownModelError,
+)
+from rag.launcher import (
+    DEFAULT_HOST,
+    find_running,
+    remove_state,
+    state_path,
+    write_state,
+)
+from rag.library import Library
 from rag.modelbuild import DEFAULT_MODEL, is_built
-from rag.protocol import DONE_EVENT, APIError, ChatRequest, encode_event, encode_queue_notice, envelope, parse_chat_request
+from rag.protocol import (
+    DONE_EVENT,
+    APIError,
+    ChatRequest,
+    chat_request,
+    decode_body,
+    encode_event,
+    encode_queue_notice,
+    envelope,
+)
+from rag.routing import Router
 from rag.runtime import ChatRuntime, ChatStream
 
 log = logging.getLogger("rag.server")
 
-MAX_BODY_BYTES = 16 * 1024 * 1024
 OWNED_BY = "rag (Foundry Local runtime)"
 
 
@@ -208,11 +257,34 @@ class OpenAIServer(ThreadingHTTPServer):
     daemon_threads = True
     block_on_close = False
 
-    def __init__(self, address: tuple[str, int], runtime: ChatRuntime, *, flush_interval: float = 0.025) -> None:
+    def __init__(
+        self,
+        address: tuple[str, int],
+        runtime: ChatRuntime,
+        *,
+        flush_interval: float = 0.025,
+        temperature: float | None = None,
+        max_tokens: int | None = None,
+        api_key: str = "",
+    ) -> None:
         super().__init__(address, ChatHandler)
         self.runtime = runtime
         self.generation_lock = FairLock()
         self.flush_interval = flush_interval
+        # What a request that names neither gets (RAG_TEMPERATURE, RAG_MAX_ANSWER_TOKENS); None:
+        # the runtime's own, which samples at temperature 1.0 up to the context window.
+        self.temperature = temperature
+        self.max_tokens = max_tokens
+        self.api_key = api_key  # '' on loopback: no key is checked
+        self.documents: Documents | None = None  # the rag: models (rag.api), when served
+
+    def with_defaults(self, request: ChatRequest) -> ChatRequest:
+        """``request`` with this server's temperature and answer length where it named none."""
+        return dataclasses.replace(
+            request,
+            temperature=self.temperature if request.temperature is None else request.temperature,
+            max_tokens=request.max_tokens or self.max_tokens,
+        )
 
     @property
     def url(self) -> str:
@@ -240,17 +312,65 @@ class ChatHandler(BaseHTTPRequestHandler):
     def log_message(self, format: str, *args: Any) -> None:  # noqa: A002 - the stdlib's name
         log.debug("%s " + format, self.client_address[0], *args)
 
+    # every request
+
+    def handle_one_request(self) -> None:
+        """One request; an unexpected failure answers a 500 in OpenAI's shape (the traceback
+        goes to the log, never to the client)."""
+        self._responded = False
+        try:
+            super().handle_one_request()
+        except (BrokenPipeError, ConnectionResetError):
+            self.close_connection = True
+        except Exception:
+            log.exception("request %r failed", getattr(self, "requestline", ""))
+            self.close_connection = True
+            if not self._responded:
+                with contextlib.suppress(OSError):
+                    self._error(APIError(500, "The server failed on this request; the details are in its log.",
+                                         type_="server_error"))  # fmt: skip
+
+    def send_response(self, code: int, message: str | None = None) -> None:
+        self._responded = True
+        super().send_response(code, message)
+
+    def send_error(self, code: int, message: str | None = None, explain: str | None = None) -> None:
+        """The standard library's own refusals (a malformed request line, headers too long, an
+        unknown method) in OpenAI's shape instead of an HTML page."""
+        self.close_connection = True
+        if self.request_version == "HTTP/0.9":  # not parsed: answer as HTTP/1.1 all the same
+            self.request_version = "HTTP/1.1"
+        status = HTTPStatus(code)
+        text = message or status.phrase
+        error = APIError(code, f"{text}." if not text.endswith(".") else text,
+                         type_="server_error" if code >= 500 else "invalid_request_error",
+                         code=status.phrase.lower().replace(" ", "_"))  # fmt: skip
+        with contextlib.suppress(OSError):
+            self._error(error)
+
+    def _authorized(self) -> bool:
+        """Whether the request may pass (off loopback: it carries the key); else answers 401."""
+        refused = check_key(self.headers.get("Authorization"), self.server.api_key)
+        if refused is None:
+            return True
+        if self.command == "POST":  # read it: closing on an unread body resets the connection,
+            self._discard_body()  # and the client would never see this answer
+        self._error(refused)
+        return False
+
     # routes
 
     def do_GET(self) -> None:  # noqa: N802 - the stdlib's name
         path = urlsplit(self.path).path.rstrip("/")
         runtime = self.server.runtime
+        if path != "/health" and not self._authorized():
+            return
         if path == "/health":
             self._json(200, {"status": "ok", "models": runtime.models(), "queued": self.server.generation_lock.queued})
         elif path == "/v1/models":
-            self._json(200, {"object": "list", "data": [self._model_card(m) for m in runtime.models()]})
-        elif path.startswith("/v1/models/") and path[len("/v1/models/") :] in runtime.models():
-            self._json(200, self._model_card(path[len("/v1/models/") :]))
+            self._json(200, {"object": "list", "data": self._model_cards()})
+        elif path.startswith("/v1/models/") and (card := self._find_card(path[len("/v1/models/") :])):
+            self._json(200, card)
         else:
             self._error(APIError(404, f"Unknown route GET {path or '/'}", code="not_found"))
 
@@ -260,8 +380,14 @@ class ChatHandler(BaseHTTPRequestHandler):
             self._discard_body()
             self._error(APIError(404, f"Unknown route POST {path}", code="not_found"))
             return
+        if not self._authorized():
+            return
         try:
-            request = parse_chat_request(self._read_body(), self.server.runtime.models())
+            data = decode_body(self._read_body())
+            if self.server.documents is not None and is_retrieval_model(str(data.get("model") or "")):
+                self._documents(self.server.documents, data)
+                return
+            request = self.server.with_defaults(chat_request(data, self.server.runtime.models()))
         except APIError as exc:
             self._error(exc)
             return
@@ -398,6 +524,46 @@ class ChatHandler(BaseHTTPRequestHandler):
             with contextlib.suppress(OSError):
                 self._event(APIError(500, str(exc), type_="server_error").body())
 
+    # the retrieval models (rag.api)
+
+    def _documents(self, documents: Documents, data: dict[str, Any]) -> None:
+        """Answer a ``rag:`` model's request on the documents' event loop. This thread holds no
+        generation lock: the answer's own request to the bare model comes back to this server
+        on another connection and waits in line there."""
+
+        def gone() -> bool:
+            return _peer_closed(self.connection)
+
+        try:
+            reply = documents.call(documents.models.respond(data), give_up=gone)
+        except ClientGone:
+            log.info("client %s left before its answer started", self.client_address[0])
+            self.close_connection = True
+            return
+        if reply.chunks is None:
+            self._json(reply.status, reply.body or {})
+            return
+        events = reply.sse()
+        try:
+            self._open_stream()
+            while (event := documents.call(_next(events), give_up=gone)) is not None:
+                self.wfile.write(event)
+        except (ClientGone, BrokenPipeError, ConnectionResetError, TimeoutError) as exc:
+            log.info("client %s went away mid-answer (%s): generation stopped", self.client_address[0],
+                     type(exc).__name__)  # fmt: skip
+        finally:
+            documents.call(_close(events, reply))
+
+    def _model_cards(self) -> list[dict[str, Any]]:
+        cards = [self._model_card(m) for m in self.server.runtime.models()]
+        if self.server.documents is not None:  # after the plain ones: a client's default stays a plain model
+            documents = self.server.documents
+            cards += documents.call(documents.models.cards())
+        return cards
+
+    def _find_card(self, model_id: str) -> dict[str, Any] | None:
+        return next((c for c in self._model_cards() if c["id"] == model_id), None)
+
     # plumbing
 
     def _event(self, data: dict[str, Any]) -> None:
@@ -413,13 +579,20 @@ class ChatHandler(BaseHTTPRequestHandler):
         }
 
     def _read_body(self) -> bytes:
+        """The body, at most ``MAX_BODY_BYTES``; its length must be given (no chunked bodies)."""
+        raw = self.headers.get("Content-Length")
         try:
-            length = int(self.headers.get("Content-Length") or 0)
+            length = int(raw) if raw is not None else None
         except ValueError:
             length = -1
-        if length < 0 or length > MAX_BODY_BYTES:
-            self.close_connection = True
-            raise APIError(413 if length > 0 else 400, "Missing, invalid or too large Content-Length.")
+        if length is None or length < 0 or length > MAX_BODY_BYTES:
+            self.close_connection = True  # the body is left unread
+            if length is None:
+                raise APIError(411, "Send the body with a Content-Length header.", code="length_required")
+            if length < 0:
+                raise APIError(400, f"Invalid Content-Length: {raw!r}.", code="invalid_content_length")
+            raise APIError(413, f"The body is {length} bytes; this server accepts at most {MAX_BODY_BYTES}.",
+                           code="request_too_large")  # fmt: skip
         return self.rfile.read(length)
 
     def _discard_body(self) -> None:
@@ -431,6 +604,8 @@ class ChatHandler(BaseHTTPRequestHandler):
         self.send_response(status)
         self.send_header("Content-Type", "application/json")
         self.send_header("Content-Length", str(len(payload)))
+        if self.close_connection:  # so that the client does not send its next request on it
+            self.send_header("Connection", "close")
         self.end_headers()
         with contextlib.suppress(OSError):
             self.wfile.write(payload)
@@ -455,12 +630,102 @@ def _usage(stream: ChatStream) -> dict[str, int]:
 
 
 def make_server(
-    runtime: ChatRuntime, host: str = DEFAULT_HOST, port: int = 0, *, flush_ms: float = 25.0
+    runtime: ChatRuntime,
+    host: str = DEFAULT_HOST,
+    port: int = 0,
+    *,
+    flush_ms: float = 25.0,
+    temperature: float | None = None,
+    max_tokens: int | None = None,
+    api_key: str = "",
 ) -> OpenAIServer:
     """Bind (``port=0``: any free port) without serving yet; call ``serve_forever()``.
 
-    ``flush_ms``: how long streamed tokens gather between writes (0: one event per token)."""
-    return OpenAIServer((host, port), runtime, flush_interval=flush_ms / 1000)
+    ``flush_ms``: how long streamed tokens gather between writes (0: one event per token).
+    ``temperature``, ``max_tokens``: for requests that name neither. ``api_key``: required as
+    a bearer token on every route but ``/health`` ('': none)."""
+    return OpenAIServer((host, port), runtime, flush_interval=flush_ms / 1000, temperature=temperature,
+                        max_tokens=max_tokens, api_key=api_key)  # fmt: skip
+
+
+# -- the retrieval models ------------------------------------------------------------------------
+
+
+class ClientGone(Exception):
+    """The client closed its connection while its request was being answered."""
+
+
+async def _next(events: Any) -> bytes | None:
+    try:
+        return bytes(await anext(events))
+    except StopAsyncIteration:
+        return None
+
+
+async def _close(events: Any, reply: Reply) -> None:
+    await events.aclose()
+    await reply.aclose()
+
+
+class Documents:
+    """The ``rag:`` models inside ``rag serve``: a library over the data directory's index
+    (watched: a file dropped into the corpus folder is answerable without a restart) and a
+    router whose one endpoint is this same server's bare models, on an event loop of their own
+    (the HTTP server is threaded; ``call`` runs a coroutine there from a handler thread)."""
+
+    def __init__(self, settings: Settings, server: OpenAIServer, *, embedder: Embedder | None = None) -> None:
+        self.loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self.loop.run_forever, name="rag-serve-documents", daemon=True)
+        self._thread.start()
+        own = settings.replace(base_url=own_url(server), model="")
+        spec = EndpointSpec(DEFAULT_NAME, own.base_url, local=True, discovered=True)
+
+        async def start() -> tuple[Library, Router]:
+            library = Library(settings, embedder)
+            library.start()
+            return library, Router(own, EndpointsConfig((spec,)))
+
+        self.library, self.router = self.call(start())
+        runtime = server.runtime
+
+        async def plain_models() -> list[str]:
+            return runtime.models()
+
+        self.models = DocumentModels(settings, self.library, lambda: self.router, plain_models=plain_models)
+
+    def call(self, coro: Any, *, give_up: Callable[[], bool] = lambda: False, poll: float = 0.25) -> Any:
+        """Run ``coro`` on the documents' loop and return its result; when ``give_up()`` turns
+        true while waiting, cancel it and raise ``ClientGone``."""
+        future = asyncio.run_coroutine_threadsafe(coro, self.loop)
+        while True:
+            try:
+                return future.result(poll)
+            except TimeoutError:
+                if give_up():
+                    future.cancel()
+                    raise ClientGone() from None
+
+    def close(self) -> None:
+        async def stop() -> None:
+            await self.library.close()
+            await self.router.aclose()
+            others = [t for t in asyncio.all_tasks() if t is not asyncio.current_task()]
+            for task in others:
+                task.cancel()
+            await asyncio.gather(*others, return_exceptions=True)
+
+        try:
+            self.call(stop())
+        finally:
+            self.loop.call_soon_threadsafe(self.loop.stop)
+            self._thread.join(5)
+            self.loop.close()
+
+
+def own_url(server: OpenAIServer) -> str:
+    """Where this server reaches itself: its address, or loopback when it listens on all."""
+    host, port = server.server_address[:2]
+    return f"http://{'127.0.0.1' if host in ('0.0.0.0', '') else host}:{port}/v1"
 
 
 # -- process lifecycle ---------------------------------------------------------------------------
@@ -491,12 +756,17 @@ def serve(
     model_dirs: Sequence[Path | str] | None = None,
     runtime: Any = None,
     ready: Callable[[OpenAIServer], None] | None = None,
+    documents: bool = True,
+    embedder: Embedder | None = None,
 ) -> None:
     """Load the models, serve until SIGTERM/SIGINT (or ``server.shutdown()``), then clean up.
 
     ``model_dirs`` entries are model directories or, when not a directory, catalog aliases.
     ``ready(server)`` is called once it listens (``server.url``, ``server.shutdown``).
+    ``documents``: also serve the ``rag:`` models over ``settings``' corpus and index (the app
+    starts its server without them: it has its own). Off loopback ``RAG_API_KEY`` is required.
     """
+    api_key = key_policy(host, str(settings.api_key))
     running = find_running(settings.data_dir)
     if running:
         raise EndpointError(f"a model server already runs at {running}: use it, or stop it first", url=running)
@@ -513,12 +783,19 @@ def serve(
             started = time.perf_counter()
             model_id = runtime.load(source) if Path(source).is_dir() else runtime.load_alias(source)
             log.info("loaded %s in %.1f s", model_id, time.perf_counter() - started)
-        httpd = make_server(runtime, host, port, flush_ms=settings.serve_flush_ms)
+        httpd = make_server(runtime, host, port, flush_ms=settings.serve_flush_ms, temperature=settings.temperature,
+                            max_tokens=settings.max_answer_tokens, api_key=api_key)  # fmt: skip
+        if documents:
+            httpd.documents = Documents(settings, httpd, embedder=embedder)
         write_state(path, {"pid": os.getpid(), "url": httpd.url, "models": runtime.models()})
         if threading.current_thread() is threading.main_thread():
             server = httpd
             signal.signal(signal.SIGTERM, lambda *_: threading.Thread(target=server.shutdown, daemon=True).start())
         log.info("listening on %s", httpd.url)
+        log.info("clients must send RAG_API_KEY as a bearer token" if api_key else "no API key needed on loopback")
+        if documents:
+            log.info("answering from %s as %s", settings.corpus_dir,
+                     ", ".join(rag_id for rag_id in retrieval_models(runtime.models())))  # fmt: skip
         if ready is not None:
             ready(httpd)
         httpd.serve_forever(poll_interval=0.2)
@@ -527,6 +804,8 @@ def serve(
     finally:
         remove_state(path)
         if httpd is not None:
+            if httpd.documents is not None:
+                httpd.documents.close()
             httpd.server_close()
         if owns_runtime:
             runtime.close()

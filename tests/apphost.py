@@ -85,6 +85,7 @@ class AppProcess:
             "CHAINLIT_APP_ROOT": str(self.root),
             "RAG_CORPUS_DIR": str(self.corpus),
             "RAG_DATA_DIR": str(self.data),
+            "RAG_API_PORT": "0",  # the app's API would take 8001 from a `make run` on this machine
             "HF_HUB_OFFLINE": "1",
             "TRANSFORMERS_OFFLINE": "1",
             "PYTHONUNBUFFERED": "1",

@@ -335,3 +335,37 @@ def test_open_chats_are_told_about_updates_but_not_the_one_that_caused_it(
     assert told[1] == ("Could not update the index: Disk full", None)
     shared.updated(IndexReport(unchanged=("compost.md",)), None, None)  # nothing changed: nothing said
     assert len(told) == 2
+
+
+def test_the_app_serves_its_api_on_its_own_port_with_its_own_library_and_router(
+    app: ModuleType, shared: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``RAG_API_PORT``: the app's start serves the rag: models with the chat's library and
+    router (no second index or embedder), and its shutdown stops it."""
+    import socket
+
+    from rag.routing import Router
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    monkeypatch.setattr(shared, "settings", shared.settings.replace(api_port=port))
+    endpoint = Endpoint(lambda body: sse_response(sse("Turn it weekly [1].", model=MODEL)))
+    shared._router = Router(shared.settings, transport=httpx.MockTransport(endpoint))
+    question = {"model": "rag:fake-model", "messages": [{"role": "user", "content": "How often is compost turned?"}]}
+
+    async def main() -> tuple[Any, Any, bool]:
+        await app.on_app_startup()
+        try:
+            assert shared.api is not None and shared.api.url == f"http://127.0.0.1:{port}/v1"
+            async with httpx.AsyncClient(trust_env=False, timeout=30) as client:
+                models = (await client.get(f"{shared.api.url}/models")).json()
+                answer = (await client.post(f"{shared.api.url}/chat/completions", json=question)).json()
+        finally:
+            await app.on_app_shutdown()
+        return models, answer, shared.api.task.done()
+
+    models, answer, stopped = asyncio.run(main())
+    assert [m["id"] for m in models["data"]] == ["rag:fake-model", "rag:other"]
+    assert answer["choices"][0]["message"]["content"] == "Turn it weekly [1].\n\n**Sources**\n- [1] compost.md, Compost"
+    assert endpoint.requests[0]["model"] == MODEL and stopped

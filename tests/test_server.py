@@ -546,7 +546,8 @@ def _serve_in_thread(
 ) -> tuple[OpenAIServer, threading.Thread]:
     ready: list[OpenAIServer] = []
     thread = threading.Thread(
-        target=serve, args=(settings,), kwargs={"runtime": runtime, "model_dirs": [model_dir], "ready": ready.append},
+        target=serve, args=(settings,),
+        kwargs={"runtime": runtime, "model_dirs": [model_dir], "ready": ready.append, "documents": False},
         daemon=True,
     )  # fmt: skip
     thread.start()
@@ -567,7 +568,7 @@ def test_serve_writes_state_that_find_running_reuses(settings: Settings, tmp_pat
     assert httpd.url.startswith("http://127.0.0.1:") and httpd.url.endswith("/v1")
     assert find_running(settings.data_dir) == httpd.url
     with pytest.raises(EndpointError, match="already runs"):
-        serve(settings, runtime=FakeRuntime(), model_dirs=[model_dir])
+        serve(settings, runtime=FakeRuntime(), model_dirs=[model_dir], documents=False)
     httpd.shutdown()
     thread.join(5)
     assert not state_path(settings.data_dir).exists()
