@@ -383,6 +383,17 @@ def _paragraphs(text: str, start: int, end: int) -> list[tuple[int, int]]:
     return [span for span in (_strip(text, s, e) for s, e in spans) if span[1] > span[0]]
 
 
+def sentence_spans(text: str) -> list[tuple[int, int]]:
+    """``(start, end)`` of each sentence of ``text``, paragraph by paragraph (a table row, list
+    item or quote line is one).
+
+    >>> t = "Dr. Who came. He left!\\n\\nNew paragraph"
+    >>> [t[s:e] for s, e in sentence_spans(t)]
+    ['Dr. Who came.', 'He left!', 'New paragraph']
+    """
+    return [span for ps, pe in _paragraphs(text, 0, len(text)) for span in _sentences(text, ps, pe)]
+
+
 def _sentences(text: str, start: int, end: int) -> list[tuple[int, int]]:
     """Sentences of a paragraph, stripped; table rows, list items and quote lines stand alone.
 

@@ -74,7 +74,8 @@ def format_passage(number: int, hit: Hit) -> str:
         where.append(f"page {chunk.page}")
     if chunk.headings:
         where.append("section " + " > ".join(chunk.headings))
-    return f"[{number}] ({', '.join(where)})\n{chunk.text.strip()}"
+    text = hit.excerpt if hit.excerpt is not None else chunk.text
+    return f"[{number}] ({', '.join(where)})\n{text.strip()}"
 
 
 def format_passages(hits: Sequence[Hit]) -> str:

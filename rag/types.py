@@ -49,7 +49,8 @@ class Chunk:
 class Hit:
     """One retrieved chunk. ``score`` orders hits within a search (higher is better);
     ``similarity`` is the cosine similarity of the query to the chunk, comparable across
-    modes, and what a relevance threshold applies to."""
+    modes, and what a relevance threshold applies to. ``excerpt``, when set, is the part of
+    the chunk's text the model is sent (``rag.excerpts``); a citation opens the whole chunk."""
 
     chunk: Chunk
     score: float
@@ -57,6 +58,7 @@ class Hit:
     similarity: float = 0.0
     dense_rank: int | None = None
     keyword_rank: int | None = None
+    excerpt: str | None = None
 
 
 @dataclass(frozen=True)
