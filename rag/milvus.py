@@ -38,6 +38,10 @@ negated), so only ranks are compared; a hit's score is reported as the positive 
 **Consistency.** Reads use ``Strong`` consistency, so that rows written before a switch are visible
 to a search issued after reading it; on a cluster this waits for the query nodes to catch up
 with the newest timestamp (the documented cost of Strong).
+
+**Writes** are batched (500 rows a call) and each commit flushes what it wrote, compacting after
+every 8 flushes or a large update: Milvus Lite searches unflushed rows slowly, and a cluster,
+which seals and compacts by itself, only does it sooner.
 """
 
 from __future__ import annotations
