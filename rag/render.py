@@ -48,15 +48,16 @@ READING = "_Reading the passages…_"  # an answer's text until its first token
 
 def queue_text(ahead: int) -> str:
     """An answer's text while the model answers others first (``READING`` once its turn came).
+    Plain text: the page shows a streaming message's markup as typed.
 
     >>> queue_text(2)
-    '_2 questions ahead of yours: the model answers one at a time…_'
+    '⏳ 2 questions ahead of yours: the model answers one at a time…'
     >>> queue_text(0) == READING
     True
     """
     if ahead <= 0:
         return READING
-    return f"_{ahead} question{'' if ahead == 1 else 's'} ahead of yours: the model answers one at a time…_"
+    return f"⏳ {ahead} question{'' if ahead == 1 else 's'} ahead of yours: the model answers one at a time…"
 
 
 _INLINE_SPECIAL = re.compile(r"([\\`*_\[\]<>&|~])")

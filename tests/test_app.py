@@ -225,8 +225,8 @@ def test_a_busy_model_shows_the_place_in_line_in_the_answers_placeholder(
                                 "step Retrieval done"]  # fmt: skip
     assert [text for _, text in page.log[1:5]] == [
         app.render.READING,
-        "_2 questions ahead of yours: the model answers one at a time…_",
-        "_1 question ahead of yours: the model answers one at a time…_",
+        "⏳ 2 questions ahead of yours: the model answers one at a time…",
+        "⏳ 1 question ahead of yours: the model answers one at a time…",
         app.render.READING,  # its turn: the model reads the passages
     ]
     assert page.log[6] == ("token replaces", "Turn ")
