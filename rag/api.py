@@ -52,7 +52,9 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import hmac
+import logging
 import re
+import time
 from collections.abc import (
     AsyncGenerator,
     Awaitable,
@@ -92,10 +94,12 @@ from rag.pipeline import (
 )
 from rag.prompting import TokenCounter
 from rag.protocol import DONE_EVENT, APIError, chat_request, encode_event, envelope
-from rag.render import finish_note, where
+from rag.render import finish_note, plural, where
 from rag.retrieval import LiveIndex
 from rag.routing import Router
 from rag.types import ChatDelta, Hit, Message
+
+log = logging.getLogger("rag.api")
 
 PREFIX = "rag:"
 OWNED_BY = "rag (answers from your documents)"
@@ -459,6 +463,7 @@ class DocumentModels:
                      router=self.router(), options=options, count=self.library.count,
                      max_answer_tokens=max_tokens)  # fmt: skip
         found: Retrieval | None = None
+        started = time.perf_counter()
         try:
             while True:
                 event = await anext(events)
@@ -478,8 +483,8 @@ class DocumentModels:
         assert found is not None
         answer = event.answer
         if request.stream:
-            return Reply(200, chunks=self._streamed(request, found, answer, events, max_tokens))
-        return await self._whole(request, found, answer, events, max_tokens)
+            return Reply(200, chunks=self._streamed(request, found, answer, events, max_tokens, started))
+        return await self._whole(request, found, answer, events, max_tokens, started)
 
     async def _wait_until_indexed(self) -> None:
         library = self.library
@@ -511,6 +516,11 @@ class DocumentModels:
             "fallback": route.fallback if route else "",
         }
 
+    def _log(self, request: DocumentRequest, answer: Answer, cited: Sequence[int], started: float) -> None:
+        route = answer.route.describe() if answer.route is not None else answer.model
+        log.info("%s: answered by %s from %s, citing %s, in %.1f s", request.model, route, plural(len(answer.hits), "passage"),
+                 cited or "none", time.perf_counter() - started)  # fmt: skip
+
     def _answer_usage(self, answer: Answer) -> dict[str, int]:
         said = (answer.done.usage if answer.done is not None else None) or {}
         count = self.library.count
@@ -524,6 +534,7 @@ class DocumentModels:
 
     def _gated(self, request: DocumentRequest, found: Retrieval) -> Reply:
         text = gate_text(found)
+        log.info("%s: no passage reaches %.2f, answered without the model", request.model, found.min_relevance)
         usage = _usage(self.library.count(request.question), self.library.count(text))
         extra = self._extra(found, None, ())
         if not request.stream:
@@ -540,7 +551,7 @@ class DocumentModels:
         return Reply(200, chunks=chunks())
 
     async def _whole(self, request: DocumentRequest, found: Retrieval, answer: Answer,
-                     events: AsyncGenerator[Any, None], max_tokens: int) -> Reply:  # fmt: skip
+                     events: AsyncGenerator[Any, None], max_tokens: int, started: float) -> Reply:  # fmt: skip
         try:
             async for _event in events:
                 pass
@@ -553,10 +564,11 @@ class DocumentModels:
         text = "\n\n".join(p for p in (shown.text, closing) if p)
         finish = _finish_reason(answer.done.finish_reason if answer.done else None)
         extra = self._extra(found, answer, shown.cited)
+        self._log(request, answer, shown.cited, started)
         return Reply(200, _completion(request.model, text, finish, self._answer_usage(answer), extra))
 
-    async def _streamed(self, request: DocumentRequest, found: Retrieval, answer: Answer,
-                        events: AsyncGenerator[Any, None], max_tokens: int) -> AsyncGenerator[dict[str, Any], None]:  # fmt: skip
+    async def _streamed(self, request: DocumentRequest, found: Retrieval, answer: Answer, events: AsyncGenerator[Any, None],
+                        max_tokens: int, started: float) -> AsyncGenerator[dict[str, Any], None]:  # fmt: skip
         head = envelope("chat.completion.chunk", request.model)
         splitter = CitationSplitter()
         sent = False
@@ -579,6 +591,7 @@ class DocumentModels:
             if tail:
                 yield _chunk(head, request, {"content": ("\n\n" if sent and not rest else "") + tail})
             finish = _finish_reason(answer.done.finish_reason if answer.done else None)
+            self._log(request, answer, shown.cited, started)
             yield {**_chunk(head, request, {}, finish), "rag": self._extra(found, answer, shown.cited)}
             if request.include_usage:
                 yield {**head, "choices": [], "usage": self._answer_usage(answer)}

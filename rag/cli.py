@@ -362,6 +362,7 @@ def cmd_serve(args: argparse.Namespace, settings: Settings) -> int:
     from rag.server import serve
 
     logging.basicConfig(level=logging.INFO, format="%(message)s")
+    logging.getLogger("httpx").setLevel(logging.WARNING)  # the rag: models' own requests to this server
     serve(settings.replace(model=args.model or settings.model), host=args.host, port=args.port,
           model_dirs=args.model_dir, documents=not args.no_documents)  # fmt: skip
     return 0

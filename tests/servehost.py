@@ -1,10 +1,12 @@
 """``python -m rag serve`` in a subprocess, for the tests that drive it as a client would.
 
-``ServeProcess`` runs it with its own data folder (``work/data``, the project's built models
-linked in) and corpus (``work/corpus``, a copy of ``docs_corpus/``), on a free port (``--port 0``;
-the URL comes from ``serve.json``), its log in ``work/serve.log``. ``generations()`` reads the
-server's own log line per answer, so a test can tell that an answer came from this server.
-``built_chat_model()`` picks a built model to serve.
+``ServeProcess`` runs it with its own data folder (``work/data``, the project's built models and
+the embedding model's ONNX export linked in) and corpus (``work/corpus``, a copy of
+``docs_corpus/``, which it indexes as it starts and serves as ``rag:<model>``), on a free port
+(``--port 0``; the URL comes from ``serve.json``), its log in ``work/serve.log``.
+``generations()`` reads the server's own log line per answer, so a test can tell that an answer
+came from this server. ``built_chat_model()`` picks a built model to serve (the small fast one
+first); ``built_answering_model()`` the default model first, for answers worth checking.
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 MODELS_DIR = ROOT / ".rag" / "models"
+CACHE_DIR = ROOT / ".rag" / "cache"  # the embedding model's ONNX export for questions, made once
 # The small fast model first: a test wants an answer, not a good one.
 PREFERRED_MODELS = ("smollm2-135m", "qwen2.5-coder-0.5b")
 
@@ -47,6 +50,16 @@ def built_chat_model() -> Path | None:
     return None
 
 
+def built_answering_model() -> Path | None:
+    """The built model folder whose answers from the documents are worth checking: the default
+    model (Qwen2.5-Coder-0.5B; SmolLM2-135M rarely states the fact it was given), else any."""
+    from rag.modelbuild import DEFAULT_MODEL, is_built
+
+    if is_built(MODELS_DIR / DEFAULT_MODEL):
+        return MODELS_DIR / DEFAULT_MODEL
+    return built_chat_model()
+
+
 class ServeProcess:
     """``python -m rag --data-dir work/data serve --port 0 --model-dir …`` in its own process group."""
 
@@ -63,6 +76,8 @@ class ServeProcess:
         self.data.mkdir(exist_ok=True)
         if MODELS_DIR.is_dir() and not (self.data / "models").exists():
             (self.data / "models").symlink_to(MODELS_DIR)
+        if CACHE_DIR.is_dir() and not (self.data / "cache").exists():
+            (self.data / "cache").symlink_to(CACHE_DIR)
         self.env = {
             **{k: v for k, v in os.environ.items() if not k.startswith("RAG_")},
             "RAG_CORPUS_DIR": str(self.corpus),

@@ -1,7 +1,9 @@
 """The official ``openai`` Python SDK against ``python -m rag serve`` with a real built model.
 
 Each ``Case`` names a served model, a question and what the answer must hold; the tests run for
-every case, streamed and not. ``rag serve`` runs in a subprocess (``tests.servehost``).
+every case, streamed and not: the bare model, and ``rag:<model>`` answering from ``docs_corpus/``
+(which ``rag serve`` indexes as it starts). ``rag serve`` runs in a subprocess
+(``tests.servehost``).
 """
 
 from __future__ import annotations
@@ -10,6 +12,7 @@ import shutil
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import httpx
 import openai
@@ -20,6 +23,8 @@ from tests.servehost import ServeProcess, built_chat_model
 ROOT = Path(__file__).resolve().parent.parent
 ARTIFACTS = ROOT / "test-artifacts" / "openai-sdk"
 MODEL_DIR = built_chat_model()
+LIGHT_QUESTION = "How long does light from the Sun take to reach Earth?"
+SOLAR_FILE = "solar-system-fact-sheet.md"
 
 pytestmark = [pytest.mark.slow]
 
@@ -44,6 +49,10 @@ def cases() -> list[Case]:
             question="Context: The secret code word is PELICAN. Question: What is the secret code word?",
             must_contain=("pelican",),
         ),
+        # The same model answering from the documents: the reply's Sources (or Passages used) list
+        # names the file. The small model is not asked for the fact itself: tests/test_openwebui.py
+        # asks the default model for it.
+        Case(model=f"rag:{MODEL_DIR.name}", question=LIGHT_QUESTION, must_contain=(SOLAR_FILE,)),
     ]
 
 
@@ -151,3 +160,60 @@ def test_unknown_model_raises_not_found(client: openai.OpenAI) -> None:
     with pytest.raises(openai.NotFoundError) as caught:
         client.chat.completions.create(model="no-such-model:1", messages=[{"role": "user", "content": "hi"}])
     assert "no-such-model:1" in str(caught.value)
+
+
+def where(passage: dict[str, Any]) -> str:
+    """How the Sources list names a passage: file, page, heading path."""
+    parts = [passage["source"], *([f"page {passage['page']}"] if passage["page"] else [])]
+    return ", ".join(parts + ([" › ".join(passage["headings"])] if passage["headings"] else []))
+
+
+def rag_model() -> str:
+    assert MODEL_DIR is not None
+    return f"rag:{MODEL_DIR.name}"
+
+
+def test_a_retrieval_answer_carries_its_passages_whole_and_on_the_streams_last_chunk(
+    client: openai.OpenAI, server: ServeProcess
+) -> None:
+    # Open WebUI sends tools with every request: ignored, never answered with a tool call.
+    tools = [{"type": "function", "function": {"name": "search_web", "parameters": {"type": "object"}}}]
+    request = {"model": rag_model(), "max_tokens": 48, "temperature": 0, "tools": tools,
+               "messages": [{"role": "system", "content": "Answer in French."},
+                            {"role": "user", "content": LIGHT_QUESTION}]}  # fmt: skip
+    before = len(server.generations())
+    completion = client.chat.completions.create(**request)  # type: ignore[call-overload]
+    assert len(server.generations()) == before + 1  # one answer from the bare model, no rewrite
+    message = completion.choices[0].message
+    assert message.tool_calls is None and message.content
+    extra = (completion.model_extra or {})["rag"]
+    assert extra["relevant"] is True and extra["model"] == f"{MODEL_DIR.name}:1"  # type: ignore[union-attr]
+    passages = extra["passages"]
+    assert passages[0]["source"] == SOLAR_FILE and any("8 minutes" in p["text"] for p in passages)
+    assert [p["n"] for p in passages] == list(range(1, len(passages) + 1))
+    assert all(p["score"] >= extra["min_relevance"] for p in passages)
+    listed = "**Sources**" if extra["cited"] else "**Passages used**"
+    shown = [p for p in passages if p["cited"] or not extra["cited"]]
+    assert message.content.endswith(listed + "\n" + "\n".join(f"- [{p['n']}] {where(p)}" for p in shown))
+
+    chunks = list(client.chat.completions.create(**request, stream=True))  # type: ignore[call-overload]
+    finals = [c for c in chunks if c.choices and c.choices[0].finish_reason]
+    assert len(finals) == 1 and (finals[0].model_extra or {})["rag"] == extra
+    assert all("rag" not in (c.model_extra or {}) for c in chunks if c is not finals[0])
+    streamed = "".join(choice.delta.content or "" for c in chunks for choice in c.choices)
+    assert streamed == message.content
+
+
+def test_a_question_the_documents_cannot_answer_gets_a_plain_reply_saying_so(
+    client: openai.OpenAI, server: ServeProcess
+) -> None:
+    before = len(server.generations())
+    completion = client.chat.completions.create(
+        model=rag_model(), messages=[{"role": "user", "content": "What is a good recipe for chocolate chip cookies?"}]
+    )
+    assert len(server.generations()) == before  # the model was not asked
+    text = completion.choices[0].message.content or ""
+    assert text.startswith("Your documents don't seem to contain the answer"), text
+    extra = (completion.model_extra or {})["rag"]
+    assert extra["relevant"] is False and extra["model"] is None and extra["passages"]
+    assert completion.choices[0].finish_reason == "stop"
