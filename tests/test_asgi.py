@@ -197,3 +197,47 @@ async def test_no_api_when_off_taken_or_exposed_without_a_key(
     assert "RAG_API_PORT=0" in said[0]
     assert f"cannot listen on 127.0.0.1:{port}" in said[1] and "RAG_API_PORT" in said[1]
     assert "refusing to serve the API on 0.0.0.0 without a key" in said[2] and "RAG_API_KEY" in said[2]
+
+
+# --- the real app -----------------------------------------------------------------------------
+
+
+@pytest.mark.slow
+def test_the_running_app_serves_the_api_from_its_index_and_stops_with_it(tmp_path: Any) -> None:
+    """``chainlit run app.py`` with ``RAG_API_PORT``: the real embedding model and the shipped
+    documents behind the API, a scripted model behind the app; SIGTERM stops both servers."""
+    from http.server import BaseHTTPRequestHandler
+
+    from tests.apphost import AppProcess, http_server, send_body
+
+    class Model(BaseHTTPRequestHandler):
+        def log_message(self, *args: Any) -> None:
+            pass
+
+        def do_GET(self) -> None:  # noqa: N802
+            send_body(self, json.dumps({"data": [{"id": "scripted:1", "context_length": 8192}]}).encode())
+
+        def do_POST(self) -> None:  # noqa: N802
+            self.rfile.read(int(self.headers["content-length"]))
+            send_body(self, sse("About 8 minutes ", "and 20 seconds [1].", model="scripted:1"), "text/event-stream")
+
+    api_port = free_port()
+    with http_server(Model) as model_url:
+        app = AppProcess(tmp_path, {"RAG_BASE_URL": model_url, "RAG_API_PORT": str(api_port)})
+        try:
+            app.start()
+            with httpx.Client(trust_env=False, timeout=240) as client:
+                url = f"http://127.0.0.1:{api_port}/v1"
+                assert [m["id"] for m in client.get(f"{url}/models").json()["data"]] == ["rag:scripted"]
+                answer = client.post(f"{url}/chat/completions", json={"model": "rag:scripted", "messages": [
+                    {"role": "user", "content": QUESTION}]}).json()  # fmt: skip
+        finally:
+            app.stop()
+        code = app.process.returncode if app.process is not None else None
+    text = answer["choices"][0]["message"]["content"]
+    assert text.startswith("About 8 minutes and 20 seconds [1].\n\n**Sources**\n- [1] solar-system-fact-sheet.md")
+    assert answer["rag"]["passages"][0]["source"] == "solar-system-fact-sheet.md"
+    log = app.output()
+    assert f"OpenAI-compatible API on http://127.0.0.1:{api_port}/v1" in log
+    assert "Traceback" not in log, log[-3000:]
+    assert code is not None and code in (0, -15), (code, log[-2000:])
