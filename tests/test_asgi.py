@@ -214,10 +214,10 @@ def test_the_running_app_serves_the_api_from_its_index_and_stops_with_it(tmp_pat
         def log_message(self, *args: Any) -> None:
             pass
 
-        def do_GET(self) -> None:  # noqa: N802
+        def do_GET(self) -> None:
             send_body(self, json.dumps({"data": [{"id": "scripted:1", "context_length": 8192}]}).encode())
 
-        def do_POST(self) -> None:  # noqa: N802
+        def do_POST(self) -> None:
             self.rfile.read(int(self.headers["content-length"]))
             send_body(self, sse("About 8 minutes ", "and 20 seconds [1].", model="scripted:1"), "text/event-stream")
 
