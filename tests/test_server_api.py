@@ -181,6 +181,34 @@ def test_beyond_loopback_every_route_but_health_wants_the_key(settings: Settings
         thread.join(10)
 
 
+def test_beyond_loopback_the_retrieval_models_reach_their_bare_model_with_the_key(
+    settings: Settings, tmp_path: Path
+) -> None:
+    """Their own request to this server's bare model carries RAG_API_KEY too."""
+    (settings.corpus_dir / "solar.md").write_text(DOCS["solar.md"], encoding="utf-8")
+    runtime = EchoRuntime()
+    ready: list[OpenAIServer] = []
+    thread = threading.Thread(target=serve, daemon=True, args=(settings.replace(
+        api_key="s3cret", min_relevance=0.1, endpoints_file=settings.data_dir / "none.toml"),), kwargs={
+        "host": "0.0.0.0", "runtime": runtime, "model_dirs": [tmp_path], "ready": ready.append,
+        "embedder": FakeEmbedder()})  # fmt: skip
+    thread.start()
+    deadline = time.monotonic() + 20
+    while not ready and time.monotonic() < deadline:
+        time.sleep(0.01)
+    httpd = ready[0]
+    try:
+        with httpx.Client(trust_env=False, timeout=30) as c:
+            response = c.post(f"http://127.0.0.1:{httpd.server_address[1]}/v1/chat/completions",
+                              json=chat("How long does light take to reach Earth?", RAG),
+                              headers={"Authorization": "Bearer s3cret"})  # fmt: skip
+        assert response.status_code == 200, response.text
+        assert response.json()["rag"]["model"] == MODEL and len(runtime.requests) == 1
+    finally:
+        httpd.shutdown()
+        thread.join(10)
+
+
 def test_on_loopback_no_key_is_checked(server: OpenAIServer, client: httpx.Client) -> None:
     response = client.post(f"{server.url}/chat/completions", json=chat(), headers={"Authorization": "Bearer anything"})
     assert response.status_code == 200
