@@ -99,7 +99,9 @@ class AppProcess:
                 "--host", "127.0.0.1", "--port", str(self.port)]  # fmt: skip
 
     def start(self, timeout: float = 240.0) -> None:
-        """Start it and wait until it serves; raises ``RuntimeError`` with its output if it does not."""
+        """Start it (again, after ``stop`` or ``kill``: the log goes on) and wait until it serves;
+        raises ``RuntimeError`` with its output if it does not."""
+        offset = self.log_path.stat().st_size if self.log_path.exists() else 0
         self.log = open(self.log_path, "ab")  # noqa: SIM115 - closed in stop()
         self.process = subprocess.Popen(
             self.command(), cwd=self.root, env=self.env, stdout=self.log, stderr=subprocess.STDOUT,
@@ -109,10 +111,17 @@ class AppProcess:
         while time.monotonic() < deadline:
             if self.process.poll() is not None:
                 raise RuntimeError(f"the app exited with {self.process.returncode}:\n{self.output()}")
-            if "Your app is available at" in self.output():
+            if b"Your app is available at" in self.log_path.read_bytes()[offset:]:
                 return
             time.sleep(0.3)
         raise RuntimeError(f"the app did not start in {timeout:.0f} s:\n{self.output()}")
+
+    def kill(self) -> None:
+        """``kill -9`` the app and everything it started, as a crash or a power cut would."""
+        assert self.process is not None
+        os.killpg(self.process.pid, signal.SIGKILL)
+        self.process.wait(15)
+        self.log.close()
 
     def output(self) -> str:
         return self.log_path.read_text(encoding="utf-8", errors="replace")

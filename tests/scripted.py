@@ -26,7 +26,8 @@ _PASSAGE = re.compile(r"^\[(\d+)\] \((.+?)\)$", re.M)
 
 
 class ScriptedRuntime:
-    """Answers as the module docstring says; records each generation's question, in order.
+    """Answers as the module docstring says; records each request's messages and each
+    generation's question, in order.
 
     ``hold(question)`` is called in the generation's thread before its first word: a test can
     keep the model busy until the others are waiting."""
@@ -34,6 +35,7 @@ class ScriptedRuntime:
     def __init__(self, *, word_delay: float = 0.03, context: int = 32_768) -> None:
         self.word_delay = word_delay
         self.context = context
+        self.requests: list[list[dict[str, str]]] = []
         self.started: list[str] = []
         self.finished: list[str] = []
         self.hold: Callable[[str], None] = lambda question: None
@@ -48,6 +50,8 @@ class ScriptedRuntime:
     def stream_chat(
         self, model_id: str, messages: list[dict[str, str]], *, max_tokens: int | None, temperature: float | None
     ) -> ChatStream:
+        with self._lock:
+            self.requests.append(messages)
         user = messages[-1]["content"]
         question = user.rsplit("Question:", 1)[-1].strip()
         words = script(user)

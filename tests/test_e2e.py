@@ -236,10 +236,18 @@ class Chat:
         return self.last_reply(after=before)
 
     def last_reply(self, *, after: int) -> Any:
-        """The newest assistant message once the app is idle again (the stop button is gone)."""
+        """The newest assistant message once it is final (no placeholder left: the app may not
+        have shown its stop button yet when the placeholder is drawn) and the app is idle again
+        (the stop button is gone)."""
         messages = self.assistant_messages()
         self.page.wait_for_function(
-            "n => document.querySelectorAll('[data-step-type=\"assistant_message\"]').length > n", arg=after
+            """n => {
+                const all = document.querySelectorAll('[data-step-type="assistant_message"]');
+                if (all.length <= n) return false;
+                const text = all[all.length - 1].innerText;
+                return !text.includes("Reading the passages") && !text.includes("ahead of yours");
+            }""",
+            arg=after,
         )
         self.page.wait_for_selector("#stop-button", state="detached")
         return messages.last
