@@ -32,7 +32,8 @@ relevance gate, budgeted prompt, fallback between endpoints):
                             "text": "…", "score": 0.61, "cited": true}],
               "finish_reason": "stop", "fallback": ""}
 
-  ``score`` is the passage's cosine similarity to the question (what the gate compares).
+  ``score`` is the passage's cosine similarity to the question (what the gate compares);
+  ``text`` the whole passage, and ``excerpt``, when not null, the part of it the model was sent.
   When no passage reaches the threshold the reply is a normal assistant message saying so,
   ``relevant`` is false, ``model`` is null (no model was asked) and ``passages`` are the
   closest ones.
@@ -275,7 +276,7 @@ def passages_field(hits: Sequence[Hit], cited: Sequence[int] = ()) -> list[dict[
     """The passages as the ``rag`` field lists them, numbered as the model saw them."""
     return [
         {"n": n, "source": h.chunk.source, "page": h.chunk.page, "headings": list(h.chunk.headings),
-         "text": h.chunk.text, "score": round(float(h.similarity), 4), "cited": n in cited}
+         "text": h.chunk.text, "excerpt": h.excerpt, "score": round(float(h.similarity), 4), "cited": n in cited}
         for n, h in enumerate(hits, start=1)
     ]  # fmt: skip
 

@@ -233,6 +233,7 @@ async def test_a_whole_answer_cites_lists_its_sources_and_carries_the_passages(l
     extra = answer.pop("rag")
     passages = extra.pop("passages")
     assert [p["n"] for p in passages] == list(range(1, len(passages) + 1)) and len(passages) >= 2
+    assert set(passages[0]) == {"n", "source", "page", "headings", "text", "excerpt", "score", "cited"}
     assert passages[0]["source"] == "solar.md" and "8 minutes and 20 seconds" in passages[0]["text"]
     assert all(p["cited"] == (p["n"] in (1, 2)) for p in passages)
     assert all(0.1 <= p["score"] <= 1.0 and p["page"] is None for p in passages)
