@@ -447,11 +447,18 @@ class IndexStore:
                     if key in mine:
                         chunks[key] = chunk
             keys = np.load(folder / "keys.npy")
-            rows = np.flatnonzero(np.isin(keys, np.fromiter(mine, np.int64, count=len(mine))))
+            whole = len(mine) == len(keys)  # nothing in it replaced since: no selection needed
             # Several copies of a key within one segment never happen: a segment is one commit's.
-            vectors.add_with_ids(np.ascontiguousarray(np.load(folder / "vectors.npy")[rows]), keys[rows])
-            keyword_parts.append((KeywordIndex.load(folder / "keyword.npz"), mine))
-        keyword = KeywordIndex.merged(keyword_parts) if keyword_parts else KeywordIndex()
+            if whole:
+                vectors.add_with_ids(np.load(folder / "vectors.npy"), keys)
+            else:
+                rows = np.flatnonzero(np.isin(keys, np.fromiter(mine, np.int64, count=len(mine))))
+                vectors.add_with_ids(np.ascontiguousarray(np.load(folder / "vectors.npy")[rows]), keys[rows])
+            keyword_parts.append((KeywordIndex.load(folder / "keyword.npz"), None if whole else mine))
+        if len(keyword_parts) == 1 and keyword_parts[0][1] is None:
+            keyword = keyword_parts[0][0]
+        else:
+            keyword = KeywordIndex.merged(keyword_parts) if keyword_parts else KeywordIndex()
         ann = None
         ann_file = manifest.get("ann")
         if ann_file:
