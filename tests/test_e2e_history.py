@@ -277,6 +277,26 @@ def test_one_user_cannot_read_anothers_chats_by_id(app: AppProcess, adas_chat: s
     assert ada.get(f"/project/thread/{adas_chat}").json()["name"] == QUESTION  # not renamed, not deleted
 
 
+class OnEveryAddress(AppProcess):
+    def command(self) -> list[str]:
+        return [*super().command()[:-4], "--host", "0.0.0.0", "--port", str(self.port)]
+
+
+@pytest.mark.parametrize(("env", "said"), [
+    ({}, "refusing to serve on 0.0.0.0 without sign-in"),
+    ({"RAG_AUTH": "password"}, "RAG_AUTH=password but there are no users"),
+])  # fmt: skip
+def test_the_app_refuses_to_start_where_anyone_could_read_every_chat(
+    tmp_path_factory: pytest.TempPathFactory, env: dict[str, str], said: str
+) -> None:
+    process = OnEveryAddress(tmp_path_factory.mktemp("refused"), env, seed_corpus=False)
+    with pytest.raises(RuntimeError, match="the app exited with 2") as refused:
+        process.start(START_TIMEOUT)
+    process.log.close()
+    assert f"error: {said}" in str(refused.value) and "Traceback" not in str(refused.value)
+    assert not (process.data / "history.sqlite3").exists()
+
+
 # --- restarts and crashes -------------------------------------------------------------------
 
 
