@@ -581,8 +581,10 @@ class IndexStore:
                 self._adopt(snapshot, segment, snapshot.dirty.keys(), new_keys)
         else:
             snapshot.record_home, snapshot.key_home = {}, {}
-            keyword = KeywordIndex.merged([(snapshot.keyword, None)])
-            keys = keyword._ids.tolist()
+            keyword = snapshot.keyword
+            with keyword._lock:
+                keyword._compact()  # rows in id order of the postings, as save() writes them
+                keys = keyword._ids.tolist()
             segment = self._write_segment(
                 snapshot, dict(snapshot.files), keys, self._vectors_of(snapshot, keys), keyword
             )
