@@ -58,8 +58,13 @@ def test_kill_at_any_moment_leaves_a_loadable_index_and_rerun_completes(settings
     store = IndexStore(settings.index_dir)
     script = WORKER.format(root=str(ROOT), corpus=str(settings.corpus_dir), data=str(settings.data_dir))
     seen_counts = []
-    for delay in (0.4, 0.7, 0.9, 1.1, 1.3, 1.6, 2.0):
+    for delay in (0.4, 0.7, 0.9, 1.1, 1.3, 1.6, 2.0, None):
         proc = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True)
+        if delay is None:  # once after a checkpoint for sure, however slow the machine is today
+            before, deadline = store.current_generation(), time.monotonic() + 60
+            while store.current_generation() == before and proc.poll() is None and time.monotonic() < deadline:
+                time.sleep(0.02)
+            delay = 0.2
         time.sleep(delay)
         os.kill(proc.pid, signal.SIGKILL)
         proc.wait()
