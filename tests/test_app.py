@@ -10,6 +10,7 @@ writes nothing into the repository.
 from __future__ import annotations
 
 import asyncio
+import copy
 import importlib
 import os
 import re
@@ -46,11 +47,13 @@ def app(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ModuleType]:
         os.environ.pop(name, None)
     os.environ.update(CHAINLIT_APP_ROOT=str(root), RAG_DATA_DIR=str(data))
     before = _repository_files()
+    import chainlit.config
+    import chainlit.data
+
+    assert Path(chainlit.config.APP_ROOT) == root, "chainlit was imported elsewhere first"
+    callbacks = copy.copy(chainlit.config.config.code)
     try:
         module = importlib.import_module("app")
-        import chainlit.config
-
-        assert Path(chainlit.config.APP_ROOT) == root, "chainlit was imported elsewhere first"
         assert module.SIGN_IN == "local"  # 127.0.0.1, RAG_AUTH unset: history on, signed in by itself
         assert (data / "history.sqlite3").is_file() and (data / "auth-secret").is_file()
         assert _repository_files() == before, "importing app.py wrote into the repository"
@@ -61,6 +64,12 @@ def app(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ModuleType]:
                 os.environ.pop(name, None)
             else:
                 os.environ[name] = value
+        # Chainlit keeps app.py's data layer and sign-in callbacks process-wide: later tests
+        # (tests/test_history.py) must not write through app.py's history, made for the
+        # repository's data folder once RAG_DATA_DIR is gone.
+        chainlit.config.config.code = callbacks
+        chainlit.data._data_layer, chainlit.data._data_layer_initialized = None, False
+        assert _repository_files() == before, "app.py wrote into the repository"
 
 
 def _repository_files() -> dict[str, float | None]:
