@@ -64,7 +64,7 @@ def data_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="module")
 def server_url(data_dir: Path) -> Iterator[str]:
-    url, stop = start_background(Settings(data_dir=data_dir), timeout=180)
+    url, stop = start_background(Settings(data_dir=data_dir, model=MODEL), timeout=180)
     try:
         yield url
     finally:
