@@ -32,10 +32,11 @@ import watchfiles
 from rag.config import Settings
 from rag.embedding import Embedder, ProgressEmbedder, embedder_for
 from rag.errors import ConfigError, IndexMismatchError, IndexMissingError, RagError
-from rag.index import IndexStore, Snapshot
+from rag.index import Snapshot
 from rag.indexing import index_params, sync_index
 from rag.prompting import TokenCounter, default_token_counter
 from rag.retrieval import LiveIndex
+from rag.store import open_store
 from rag.types import IndexReport
 
 log = logging.getLogger("rag.library")
@@ -77,7 +78,7 @@ class Library:
     ) -> None:
         self.settings = settings
         self.embedder = ProgressEmbedder(embedder or embedder_for(settings))
-        self.live = LiveIndex(IndexStore(settings.index_dir))
+        self.live = LiveIndex(open_store(settings))  # the embedded files, or Milvus (RAG_VECTOR_STORE)
         self.count: TokenCounter = lambda text: len(text) // 3 + 1  # until the tokenizer is loaded
         self.on_update = on_update
         self.on_error = on_error

@@ -28,7 +28,7 @@ from rag.errors import (
 )
 from rag.index import Snapshot
 from rag.pipeline import AskOptions, Retrieval
-from rag.types import Chunk, Hit, IndexReport
+from rag.types import Hit, IndexReport
 from rag.uploads import FILE_TYPES, SavedUpload
 
 
@@ -128,7 +128,7 @@ def passage_table(hits: Sequence[Hit], *, min_relevance: float | None = None) ->
         page = str(hit.chunk.page) if hit.chunk.page is not None else "–"
         rows.append(
             f"| {number} | {escape_markdown(hit.chunk.source)} | {page} | {hit.similarity:.2f}{mark} "
-            f"| {escape_markdown(one_line(hit.chunk.text))} |"
+            f"| {escape_markdown(one_line(hit.excerpt if hit.excerpt is not None else hit.chunk.text))} |"
         )
     return "\n".join(rows)
 
@@ -255,12 +255,11 @@ def _humanize(name: str) -> str:
 def starter_questions(snapshot: Snapshot, *, limit: int = 4) -> list[tuple[str, str]]:
     """(label, question) pairs drawn from the corpus, one per document: about its first
     section when it has sections, else about the document itself."""
-    by_source: dict[str, list[Chunk]] = {}
-    for chunk in snapshot.chunks.values():
-        by_source.setdefault(chunk.source, []).append(chunk)
     out: list[tuple[str, str]] = []
-    for source in sorted(by_source)[:limit]:
-        chunks = sorted(by_source[source], key=lambda c: (c.page or 0, c.start))
+    for source in sorted(snapshot.files)[:limit]:  # a file's chunks alone: the store may be Milvus
+        chunks = sorted(snapshot.chunks_of(source), key=lambda c: (c.page or 0, c.start))
+        if not chunks:
+            continue
         title = chunks[0].title.strip()
         if not title or title == Path(source).stem:
             title = _humanize(source)
@@ -318,7 +317,7 @@ def retrieval_text(found: Retrieval, sent: Sequence[Hit] | None, options: AskOpt
     if sent is None:
         return f"{setup}: {plural(len(found.hits), 'passage')} found.\n\n{passage_table(found.hits)}"
     dropped = len(found.hits) - len(sent)
-    fit = f" ({dropped} more did not fit the model's window)" if dropped > 0 else ""
+    fit = f" ({dropped} more left out: nothing in them for this question, or no room)" if dropped > 0 else ""
     return f"{setup}: {plural(len(sent), 'passage')} sent to the model{fit}.\n\n{passage_table(sent)}"
 
 
