@@ -717,7 +717,7 @@ class Drawn:
             self.answer.content = note or render.READING
             await self.answer.update()
             return
-        shown = present(stream)
+        shown = present(stream, self.standalone or self.question)
         text, cited = shown.text, shown.cited
         if not text and not note:
             text = "_The model returned an empty answer._"

@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import re
 import statistics
 import time
 from collections.abc import AsyncIterator, Callable, Sequence
@@ -34,19 +33,9 @@ from typing import Any
 from rag.config import Settings
 from rag.embedding import Embedder
 from rag.errors import ConfigError, RagError
-from rag.pipeline import Event, Retrieved, Started, present
+from rag.pipeline import Event, Retrieved, Started, declines, present
 from rag.scoring import contains_answer, is_correct, token_f1
 from rag.types import ChatDelta, ChatDone
-
-# Replies that decline to answer: counted as abstentions (never as correct, unless they also
-# hold the answer).
-_DECLINES = re.compile(
-    r"\b(i (do not|don't|cannot|can't) (know|find|answer|tell)|not (mentioned|stated|specified|provided|"
-    r"given|found|available) in|(passages|documents|context) (do not|don't|does not|doesn't) "
-    r"(contain|mention|say|provide|include)|no information)\b",
-    re.I,
-)
-
 
 @dataclass(frozen=True)
 class QAItem:
@@ -78,15 +67,6 @@ def load_questions(dataset: Path, *, limit: int | None = None) -> list[QAItem]:
     if not items:
         raise ConfigError(f"{path} holds no questions")
     return items[:limit] if limit else items
-
-
-def declines(text: str) -> bool:
-    """Whether a reply says it cannot answer.
-
-    >>> declines("The passages do not mention his age."), declines("He was 56 [1].")
-    (True, False)
-    """
-    return bool(_DECLINES.search(text))
 
 
 @dataclass
@@ -143,7 +123,7 @@ async def ask_one(item: QAItem, ask: Ask, *, clock: Callable[[], float] = time.p
     except RagError as exc:
         record.error = str(exc)
     if answer is not None:
-        shown = present(answer)
+        shown = present(answer, item.question)
         record.answer = shown.text
         record.marker_only = shown.marker_only
         record.cited_sources = _unique(answer.hits[n - 1].chunk.source for n in shown.cited)

@@ -560,7 +560,7 @@ class DocumentModels:
             return Reply.error(api_error(exc))
         finally:
             await events.aclose()
-        shown = present(answer)
+        shown = present(answer, found.question)
         closing = closing_text(answer, shown.cited, max_tokens=max_tokens, empty=not shown.text)
         text = "\n\n".join(p for p in (shown.text, closing) if p)
         finish = _finish_reason(answer.done.finish_reason if answer.done else None)
@@ -585,8 +585,8 @@ class DocumentModels:
             except RagError as exc:
                 yield api_error(exc).body()
                 return
-            rest = splitter.flush()
-            shown = present(answer)
+            shown = present(answer, found.question)
+            rest = splitter.flush() + shown.added  # a citation found afterwards, or a bare [1] explained
             closing = closing_text(answer, shown.cited, max_tokens=max_tokens, empty=not (sent or rest))
             tail = "\n\n".join(p for p in (rest, closing) if p)
             if tail:

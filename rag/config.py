@@ -84,6 +84,8 @@ class Settings:
     # Used when the endpoint does not say (ours does; Foundry Local's service does not).
     context_window: int = 4096
     max_answer_tokens: int = 512
+    # Tokens of passage text the model is sent: the sentences that matter (rag/excerpts.py); 0: whole passages.
+    excerpt_tokens: int = 260
     temperature: float = 0.2
     # rag serve: streamed tokens gather this long between writes (0: one event per token).
     serve_flush_ms: float = 25.0
@@ -142,6 +144,8 @@ class Settings:
             )
         if not 0 <= self.api_port <= 65535:
             raise ConfigError(f"RAG_API_PORT={self.api_port} is not a port: use 1-65535, or 0 for no API")
+        if self.excerpt_tokens < 0:
+            raise ConfigError(f"RAG_EXCERPT_TOKENS={self.excerpt_tokens} must be 0 (whole passages) or more")
         if self.max_file_mb <= 0:
             raise ConfigError(f"RAG_MAX_FILE_MB={self.max_file_mb} must be positive")
         if self.auth not in AUTH_MODES:

@@ -37,7 +37,10 @@ from rag.citations import citations_in, normalize_citations, strip_citations
 from rag.config import DEFAULT_MIN_RELEVANCE, POLICIES, RETRIEVAL_MODES, Settings
 from rag.embedding import Embedder
 from rag.endpoints import EndpointSpec
+from rag.chunking import sentence_spans
+from rag.excerpts import DEFAULT_BUDGET, select_excerpts, word_scores
 from rag.index import Snapshot
+from rag.keyword import tokenize
 from rag.prompting import TokenCounter
 from rag.retrieval import LiveIndex, Retriever
 from rag.routing import Router
@@ -61,19 +64,21 @@ class AskOptions:
     mode: str = "hybrid"
     min_relevance: float = DEFAULT_MIN_RELEVANCE
     policy: str = "local-only"  # routing (rag/routing.py)
+    # Tokens of passage text sent to the model (rag/excerpts.py); 0: whole passages.
+    excerpt_tokens: int = DEFAULT_BUDGET
 
     @classmethod
     def from_settings(cls, settings: Settings, model: str = "") -> AskOptions:
         return cls(model=model or settings.model, top_k=settings.top_k, temperature=settings.temperature,
                    mode=settings.retrieval_mode, min_relevance=settings.min_relevance,
-                   policy=settings.policy)  # fmt: skip
+                   policy=settings.policy, excerpt_tokens=settings.excerpt_tokens)  # fmt: skip
 
     def updated(self, values: Mapping[str, Any], models: Sequence[str]) -> AskOptions:
         """These options after a settings form sent ``values``; out-of-range or unknown values
         are clamped or ignored (the form is a browser: trust nothing).
 
         >>> AskOptions().updated({"top_k": 50.0, "mode": "bm25", "model": "x"}, ["m"])
-        AskOptions(model='', top_k=20, temperature=0.2, mode='bm25', min_relevance=0.35, policy='local-only')
+        AskOptions(model='', top_k=20, temperature=0.2, mode='bm25', min_relevance=0.35, policy='local-only', excerpt_tokens=260)
         """
         changes: dict[str, Any] = {}
         with contextlib.suppress(TypeError, ValueError):
@@ -222,13 +227,17 @@ async def ask(
     yield Retrieved(found)
     if not found.relevant:
         return
+    sent: Sequence[Hit] = found.hits
+    if options.excerpt_tokens:  # the sentences that matter: fewer tokens for the model to read
+        sent = await asyncio.to_thread(select_excerpts, standalone, found.hits, embed=embedder.embed, count=count,
+                                       budget=options.excerpt_tokens)  # fmt: skip
     notices: asyncio.Queue[Queued] = asyncio.Queue()
 
     async def queued(notice: Queued) -> None:
         notices.put_nowait(notice)
 
     starting = asyncio.ensure_future(router.answer(
-        standalone, found.hits, history, count=count, policy=options.policy, model=options.model,
+        standalone, sent, history, count=count, policy=options.policy, model=options.model,
         temperature=options.temperature, max_answer_tokens=max_answer_tokens, candidates=candidates,
         on_queued=queued,
     ))  # fmt: skip
@@ -269,21 +278,91 @@ async def _abandon(starting: asyncio.Future[Answer]) -> None:
 @dataclass(frozen=True)
 class Presented:
     """An answer as it is shown: ``text`` with grouped citations split (``[1, 2]`` ->
-    ``[1][2]``), the passage numbers it cites (invented ones left out), and whether the model
-    wrote nothing but markers."""
+    ``[1][2]``), the passage numbers it cites (invented ones left out), and how it was made:
+    ``attributed`` when the citation was found afterwards, ``marker_only`` when the model wrote
+    nothing but markers (``text`` then quotes the passage it pointed at). ``added`` is what was
+    appended to the model's own text, for a caller that streamed that text already."""
 
     text: str
     cited: list[int]
     marker_only: bool = False
+    attributed: bool = False
+    added: str = ""
 
 
-def present(answer: Answer) -> Presented:
+# Replies that decline to answer: they get no citation of ours.
+_DECLINES = re.compile(
+    r"\b(i (do not|don't|cannot|can't) (know|find|answer|tell)|not (mentioned|stated|specified|provided|"
+    r"given|found|available) in|(passages|documents|context) (do not|don't|does not|doesn't) "
+    r"(contain|mention|say|provide|include)|no information)\b",
+    re.I,
+)
+
+
+def declines(text: str) -> bool:
+    """Whether a reply says it cannot answer.
+
+    >>> declines("The documents do not mention his age."), declines("He was 56 [1].")
+    (True, False)
+    """
+    return bool(_DECLINES.search(text))
+
+
+def present(answer: Answer, question: str = "") -> Presented:
     """What a user is shown for ``answer`` (the app, ``rag ask``, the API and the evaluation
-    all show this)."""
+    all show this).
+
+    - An answer in words that cites nothing (small models rarely cite) gets the number of the
+      passage that holds what it says: the one sharing the most of its words that are not the
+      question's (``supporting_passage``); none when nothing is shared, or it declines.
+    - An answer of markers only (``[1] [2]``) is never shown bare: it becomes the sentence of
+      the first passage it points at that matches the question best, quoted and cited.
+    """
     text = normalize_citations(answer.text).strip()
-    cited = citations_in(text, len(answer.hits))
-    marker_only = bool(text) and not _WORDS.search(strip_citations(text))
-    return Presented(text, cited, marker_only)
+    hits = answer.hits
+    cited = citations_in(text, len(hits))
+    if text and hits and not _WORDS.search(strip_citations(text)):
+        number = cited[0] if cited else 1
+        sentence = best_sentence(hits[number - 1], question)
+        shown = f"The model pointed at passage [{number}] without answering in words. It says: “{sentence}” [{number}]"
+        return Presented(shown, [number], marker_only=True, added="\n\n" + shown)
+    if text and hits and not cited and not declines(text):
+        number = supporting_passage(text, hits, question)
+        if number is not None:
+            return Presented(f"{text} [{number}]", [number], attributed=True, added=f" [{number}]")
+    return Presented(text, cited)
+
+
+def supporting_passage(text: str, hits: Sequence[Hit], question: str = "") -> int | None:
+    """The number of the passage (as sent: its excerpt) sharing the most of ``text``'s words,
+    the question's own words left out unless nothing else is said; the best-ranked on a tie.
+
+    >>> from rag.types import Chunk
+    >>> hits = [Hit(Chunk(c, "a.txt", t, 0, 1), 1.0, 1) for c, t in [("a", "He died in 1865."), ("b", "Lincoln was born in 1809.")]]
+    >>> supporting_passage("Lincoln was born in 1809.", hits, "When was Lincoln born?")
+    2
+    """
+    said = set(tokenize(text))
+    own = said - set(tokenize(question)) or said
+    best, number = 0, None
+    for n, hit in enumerate(hits, start=1):
+        shared = len(own & set(tokenize(hit.excerpt if hit.excerpt is not None else hit.chunk.text)))
+        if shared > best:
+            best, number = shared, n
+    return number
+
+
+def best_sentence(hit: Hit, question: str) -> str:
+    """The sentence of a passage (as sent) that shares the most of the question's words.
+
+    >>> from rag.types import Chunk
+    >>> best_sentence(Hit(Chunk("a", "a.txt", "He was tall. He was born in 1809.", 0, 1), 1.0, 1), "When was he born?")
+    'He was born in 1809.'
+    """
+    text = hit.excerpt if hit.excerpt is not None else hit.chunk.text
+    sentences = [" ".join(text[s:e].split()) for s, e in sentence_spans(text)] or [text.strip()]
+    scores = word_scores(question, sentences)
+    return sentences[max(range(len(sentences)), key=lambda i: (scores[i], -i))]
 
 
 def remember(history: Sequence[Message], question: str, reply: str, *, keep: int = HISTORY_MESSAGES) -> list[Message]:

@@ -22,7 +22,7 @@ from rag.runtime import ChatStream
 from rag.server import OpenAIServer, make_server
 
 MODEL = "scripted:1"
-_PASSAGE = re.compile(r"^\[(\d+)\] \((.+?)\)$", re.MULTILINE)
+_PASSAGE = re.compile(r"^Document (\d+) \((.+?)\):$", re.MULTILINE)
 
 
 class ScriptedRuntime:
@@ -83,7 +83,7 @@ def script(user: str) -> list[str]:
     if not passages:
         return ["I ", "don't ", "know."]
     source = passages[0][1].split(",")[0]
-    first = user.split(f"[1] ({passages[0][1]})\n", 1)[1].split()[:10]
+    first = user.split(f"Document 1 ({passages[0][1]}):\n", 1)[1].split()[:10]
     return [f"From {source}: ", *(w + " " for w in first), "[1]."]
 
 

@@ -181,7 +181,7 @@ async def test_answer_streams_and_citations_match_the_passages_sent(
     [body] = endpoint.requests
     assert body["stream"] is True and body["temperature"] == 0.1 and body["max_tokens"] == 256
     assert body["messages"][0] == {"role": "system", "content": SYSTEM_PROMPT}
-    assert "[1] (compost.md" in body["messages"][-1]["content"]
+    assert "Document 1 (compost.md" in body["messages"][-1]["content"]
 
 
 async def test_budget_drops_low_ranked_passages_and_citations_follow() -> None:
@@ -194,7 +194,7 @@ async def test_budget_drops_low_ranked_passages_and_citations_follow() -> None:
     assert [h.chunk.id for h in stream.hits] == ["c1", "c2"]
     assert stream.citations() == [1, 2]
     user = endpoint.requests[0]["messages"][-1]["content"]
-    assert "[2] (guide.pdf)" in user and "[3]" not in user
+    assert "Document 2 (guide.pdf)" in user and "Document 3" not in user
 
 
 async def test_history_is_sent_between_system_prompt_and_question() -> None:

@@ -284,8 +284,20 @@ async def test_without_include_usage_a_stream_has_no_usage(library: Library) -> 
     assert all("usage" not in e for e in events[:-1]) and events[-2]["choices"][0]["finish_reason"] == "stop"
 
 
+async def test_an_uncited_answer_gets_the_passage_that_holds_what_it_says(library: Library) -> None:
+    models, router = documents(library, streaming("About 8 minutes and 20 seconds."))
+    try:
+        answer = (await models.respond(body())).body
+    finally:
+        await router.aclose()
+    assert answer is not None
+    text = answer["choices"][0]["message"]["content"]
+    assert text.startswith("About 8 minutes and 20 seconds. [1]\n\n**Sources**\n- [1] solar.md")
+    assert answer["rag"]["cited"] == [1]
+
+
 async def test_an_answer_citing_nothing_lists_the_passages_it_was_given(library: Library) -> None:
-    models, router = documents(library, streaming("About eight minutes."))
+    models, router = documents(library, streaming("Yes."))  # nothing of it is in a passage
     try:
         answer = (await models.respond(body())).body
     finally:
@@ -294,7 +306,7 @@ async def test_an_answer_citing_nothing_lists_the_passages_it_was_given(library:
     text = answer["choices"][0]["message"]["content"]
     passages = answer["rag"]["passages"]
     listed = "\n".join(f"- [{p['n']}] {p['source']}, {p['headings'][0]}" for p in passages)
-    assert text == f"About eight minutes.\n\n**Passages used**\n{listed}"
+    assert text == f"Yes.\n\n**Passages used**\n{listed}"
     assert answer["rag"]["cited"] == [] and not any(p["cited"] for p in passages)
 
 
@@ -319,7 +331,7 @@ async def test_an_answer_cut_off_says_so(library: Library, stream: bool) -> None
         text = text_of(await streamed(reply)) if stream else reply.body["choices"][0]["message"]["content"]  # type: ignore[index]
     finally:
         await router.aclose()
-    assert text.startswith("Light takes about 8\n\n_The answer was cut off at 7 tokens (max_tokens)._\n\n**Passages used**")
+    assert text.startswith("Light takes about 8 [1]\n\n_The answer was cut off at 7 tokens (max_tokens)._\n\n**Sources**")
 
 
 async def test_the_clients_temperature_and_max_tokens_reach_the_model(library: Library) -> None:

@@ -35,7 +35,7 @@ ANSWER_TIMEOUT = 60_000  # ms
 
 pytestmark = [pytest.mark.slow, pytest.mark.e2e]
 
-_PASSAGE = re.compile(r"^\[(\d+)\] \((.+?)\)$", re.M)
+_PASSAGE = re.compile(r"^Document (\d+) \((.+?)\):$", re.M)
 
 
 # --- a scripted OpenAI-compatible server ----------------------------------------------------
@@ -136,7 +136,7 @@ class FakeOpenAI:
         if not passages:
             return [("I ", 0.02), ("don't ", 0.02), ("know.", 0.02)]
         source = passages[0][1].split(",")[0]
-        first = user.split(f"[1] ({passages[0][1]})\n", 1)[1].split()[:10]
+        first = user.split(f"Document 1 ({passages[0][1]}):\n", 1)[1].split()[:10]
         words = [f"From {source}: "] + [w + " " for w in first] + ["[1]. ", "Also see [7]."]
         return [(w, 0.03) for w in words]
 
@@ -313,7 +313,7 @@ def test_seeded_question_streams_a_cited_answer_and_citation_opens_the_passage(
     chat.shot("retrieval-step")
     request = fake_openai.chats()[-1]
     assert request["model"] == MODELS[0]
-    assert "[1] (solar-system-fact-sheet.md" in request["messages"][-1]["content"]
+    assert "Document 1 (solar-system-fact-sheet.md" in request["messages"][-1]["content"]
 
 
 def test_pdf_citation_opens_the_pdf_at_its_page(chat: Chat) -> None:

@@ -184,7 +184,7 @@ async def test_a_question_is_retrieved_then_answered_with_the_passages_sent(
     assert answer.text == "Turn it every week [1]." and answer.citations() == [1]
     assert answer.route is not None and (answer.route.model, answer.route.endpoint) == (MODEL, "settings")
     [body] = endpoint.requests
-    assert "[1] (compost.md" in body["messages"][-1]["content"] and body["model"] == MODEL
+    assert "Document 1 (compost.md" in body["messages"][-1]["content"] and body["model"] == MODEL
 
 
 async def test_nothing_relevant_stops_after_retrieval_without_asking_the_model(
@@ -318,3 +318,38 @@ def test_options_from_a_settings_form_are_clamped() -> None:
                                     "policy": "anywhere", "model": "m2"}, ["m1", "m2"])  # fmt: skip
     assert (options.top_k, options.temperature, options.min_relevance, options.mode, options.policy, options.model) == (
         1, 2.0, AskOptions().min_relevance, "dense", "local-only", "m2")
+
+
+# --- what is shown: present() -----------------------------------------------------------------
+
+
+def shown(text: str, *passages: str, question: str = "") -> Any:
+    from rag.answering import Answer
+    from rag.pipeline import present
+    from rag.types import Chunk, Hit
+
+    hits = [Hit(Chunk(f"c{i}", f"{i}.txt", t, 0, len(t)), 1.0, i) for i, t in enumerate(passages, start=1)]
+    return present(Answer(hits=hits, messages=[], model=MODEL, text=text), question)
+
+
+def test_an_answer_keeps_its_own_citations_split() -> None:
+    result = shown("Weekly [2, 1]. See [9].", "Turn it weekly.", "Turn it often.")
+    assert (result.text, result.cited, result.attributed, result.added) == ("Weekly [2][1]. See [9].", [2, 1], False, "")
+
+
+def test_an_uncited_answer_gets_the_passage_that_holds_what_it_says() -> None:
+    result = shown("He was born in 1809.", "Lincoln died in 1865.", "Lincoln was born in 1809 in Kentucky.",
+                   question="When was Lincoln born?")  # fmt: skip
+    assert (result.text, result.cited, result.attributed, result.added) == ("He was born in 1809. [2]", [2], True, " [2]")
+    # Nothing of it in any passage, or an answer that declines: no citation is made up.
+    assert shown("Perhaps.", "Lincoln died in 1865.").cited == []
+    assert shown("The documents do not mention his birth.", "Lincoln's birth was in 1809.").cited == []
+
+
+def test_markers_alone_are_never_shown_bare() -> None:
+    result = shown("[2] [1]", "Lincoln died in 1865.", "He grew up poor. Lincoln was born in 1809. He read a lot.",
+                   question="When was Lincoln born?")  # fmt: skip
+    assert result.marker_only and result.cited == [2]
+    assert result.text == ("The model pointed at passage [2] without answering in words. "
+                           "It says: “Lincoln was born in 1809.” [2]")  # fmt: skip
+    assert result.added == "\n\n" + result.text

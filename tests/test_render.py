@@ -210,7 +210,7 @@ def test_retrieval_text_says_found_then_sent_and_what_did_not_fit() -> None:
     found = Retrieval("q", hits=(hit(1, sim=0.8), hit(2, sim=0.6)), closest=(), min_relevance=0.3)
     assert retrieval_text(found, None, options).startswith("hybrid search, top 3, relevance threshold 0.30: 2 passages found.")
     sent = retrieval_text(found, found.hits[:1], options)
-    assert "1 passage sent to the model (1 more did not fit the model's window)." in sent
+    assert "1 passage sent to the model (1 more left out: nothing in them for this question, or no room)." in sent
     assert sent.count("| a.md |") == 1
 
 

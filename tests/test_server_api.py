@@ -314,8 +314,9 @@ def test_rag_serve_lists_and_answers_the_retrieval_model_from_its_index(
     answer = client.post(f"{server.url}/chat/completions", json=chat(question, RAG)).json()
     assert answer["model"] == RAG and answer["rag"]["model"] == MODEL
     assert answer["rag"]["passages"][0]["source"] == "solar.md"
-    # The echo repeats the prompt's "[1] (solar.md, …)": a citation of passage 1.
-    assert answer["choices"][0]["message"]["content"].endswith("\n\n**Sources**\n- [1] solar.md, The Sun")
+    # The echo repeats the prompt's "Document 1 (solar.md, …)": no citation, and no word of the
+    # passage's own to find one by, so the passages used are listed.
+    assert answer["choices"][0]["message"]["content"].endswith("\n\n**Passages used**\n- [1] solar.md, The Sun")
     [inner] = runtime.requests  # the answer's own request came back to this server, for the bare model
     assert question in inner["messages"][-1]["content"] and "8 minutes and 20 seconds" in inner["messages"][-1]["content"]
     assert (inner["temperature"], inner["max_tokens"]) == (0.2, 512)
