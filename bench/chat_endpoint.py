@@ -50,7 +50,7 @@ import httpx
 from bench._common import REPO, add_json_option, machine, markdown_table, median, save_results
 from rag.chat import ChatClient, ChatDelta, ChatDone, Message
 from rag.config import Settings
-from rag.modelbuild import DEFAULT_MODEL, is_built
+from rag.modelbuild import is_built
 from rag.runtime import ChatStream, FoundryRuntime
 from rag.launcher import start_background, stop_process
 from rag.server import make_server
@@ -58,6 +58,8 @@ from tests.apphost import free_port
 
 GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
 LLAMA_ALIAS = "smollm2"
+# The runtime serves the same weights llama.cpp does: SmolLM2-135M's GGUF, built (make small-model).
+MODEL = "smollm2-135m"
 TARGET_TPS_LOSS = 0.05  # rag serve: at most 5 % fewer tokens/s than in-process
 TARGET_TTFT_MS = 20.0  # and at most 20 ms more to the first token
 
@@ -255,14 +257,14 @@ async def http_layer_cost(*, requests: int = 40, tokens: int = 5000) -> dict[str
 
 
 async def bench(args: argparse.Namespace, work: Path) -> dict[str, Any]:
-    model_dir = REPO / ".rag" / "models" / DEFAULT_MODEL
+    model_dir = REPO / ".rag" / "models" / MODEL
     if not is_built(model_dir):
-        raise SystemExit(f"no built model in {model_dir}: run `make model`")
+        raise SystemExit(f"no built model in {model_dir}: run `make small-model`")
     # rag serve over a data dir of its own whose models/ holds the built model, as the app starts it.
     serve_data = work / "serve"
     (serve_data / "models").mkdir(parents=True)
-    (serve_data / "models" / DEFAULT_MODEL).symlink_to(model_dir, target_is_directory=True)
-    serve_url, stop_serve = start_background(Settings(data_dir=serve_data), timeout=180)
+    (serve_data / "models" / MODEL).symlink_to(model_dir, target_is_directory=True)
+    serve_url, stop_serve = start_background(Settings(data_dir=serve_data, model=MODEL), timeout=180)
     runtime = FoundryRuntime(work / "inproc")
     llama = start_llama(args.threads, work / "llama.log") if not args.no_llama else "--no-llama"
     stops = [stop_serve, runtime.close]

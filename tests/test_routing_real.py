@@ -68,7 +68,7 @@ async def ask(
     specs: list[EndpointSpec], tmp_path: Path, *, policy: str = "local-first", by_task: dict[str, str] | None = None
 ) -> tuple[str, str, str]:
     settings = Settings(data_dir=tmp_path, connect_retries=0, first_token_timeout=60, max_answer_tokens=48)
-    router = Router(EndpointsConfig(tuple(specs), by_task or {}, "test"), settings, policy=policy)
+    router = Router(settings.replace(policy=policy), EndpointsConfig(tuple(specs), by_task or {}, "test"))
     try:
         reply = await router.answer("How often should a compost pile be turned?", HITS)
         text = "".join([e.text async for e in reply if isinstance(e, ChatDelta)])
@@ -146,7 +146,7 @@ def test_rewrite_falls_back_to_the_runtime_which_answers(
                Message("assistant", "Every 2 to 3 weeks, so it gets air [1].")]  # fmt: skip
 
     async def main() -> str:
-        router = Router(EndpointsConfig((stopped, runtime), {}, "test"), settings, policy="local-first")
+        router = Router(settings.replace(policy="local-first"), EndpointsConfig((stopped, runtime), {}, "test"))
         try:
             return await router.rewrite(history, "and in winter?")
         finally:
