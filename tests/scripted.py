@@ -53,7 +53,8 @@ class ScriptedRuntime:
         with self._lock:
             self.requests.append(messages)
         user = messages[-1]["content"]
-        question = user.rsplit("Question:", 1)[-1].strip()
+        # The question: after "Question:", before the instruction that follows it.
+        question = user.rsplit("Question:", 1)[-1].strip().split("\n\n", 1)[0]
         words = script(user)
 
         def produce(stream: ChatStream) -> Iterator[str]:
