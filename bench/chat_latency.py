@@ -33,8 +33,7 @@ What runs:
 
 How the question is sent: by default it is put in the box (``fill``) and Enter pressed at once, so
 nothing can start before Enter; with ``--pause MS`` its last character is typed as a key and Enter
-pressed MS later, as a person does (the page's draft script then has the question embedded before
-Enter). ``--tabs one`` runs every chat in one page ("New chat" between them) instead of a fresh
+pressed MS later, as a person does. ``--tabs one`` runs every chat in one page ("New chat" between them) instead of a fresh
 browser context each, whose page code has never run.
 
 Overhead = (first token in the page - Enter) - endpoint TTFT, per question; medians reported.
@@ -104,7 +103,9 @@ class Trace:
 
 
 def _wrap_sync(owner: Any, name: str, trace: Trace, label: str, info: Callable[..., dict] | None = None) -> None:
-    original = getattr(owner, name)
+    original = getattr(owner, name, None)
+    if original is None:  # a checkout with another layout (a baseline): that stage is not traced
+        return
 
     def wrapped(*args: Any, **kwargs: Any) -> Any:
         trace(label + ":start", **(info(*args, **kwargs) if info else {}))
@@ -130,6 +131,11 @@ def install_trace(path: str) -> None:
     import rag.indexing
     import rag.pipeline
 
+    try:  # this layout: the router starts each candidate's answer (rag.answering.start_answer)
+        import rag.routing as answering_owner
+    except ImportError:
+        answering_owner = None
+
     trace = Trace(path)
 
     process_message = chainlit.socket.process_message
@@ -141,7 +147,9 @@ def install_trace(path: str) -> None:
     chainlit.socket.process_message = traced_process_message
 
     _wrap_sync(rag.pipeline, "retrieve", trace, "retrieve")
-    _wrap_sync(rag.pipeline, "answer", trace, "prompt")
+    _wrap_sync(rag.pipeline, "answer", trace, "prompt")  # a baseline's layout
+    if answering_owner is not None:
+        _wrap_sync(answering_owner, "start_answer", trace, "prompt")
     _wrap_sync(rag.embedding.SentenceTransformerEmbedder, "embed_query", trace, "embed_query")
     _wrap_sync(rag.indexing, "sync_index", trace, "sync_index")
     _wrap_sync(rag.indexing, "load_bytes", trace, "parse", lambda source, data: {"source": source})
@@ -151,16 +159,20 @@ def install_trace(path: str) -> None:
     _wrap_sync(rag.index.Snapshot, "update_ann", trace, "update_ann")
     _wrap_sync(rag.embedding.Embedder, "embed", trace, "embed", lambda self, texts, **_: {"n": len(texts)})
 
-    rewrite = rag.pipeline.rewrite_question
+    # The follow-up's rewrite: Router.rewrite here, pipeline.rewrite_question in a baseline.
+    owner, name = ((answering_owner.Router, "rewrite") if answering_owner is not None and hasattr(answering_owner, "Router")
+                   else (rag.pipeline, "rewrite_question"))  # fmt: skip
+    rewrite = getattr(owner, name, None)
 
     async def traced_rewrite(*args: Any, **kwargs: Any) -> str:
         trace("rewrite:start")
         try:
-            return await rewrite(*args, **kwargs)
+            return await rewrite(*args, **kwargs)  # type: ignore[misc]
         finally:
             trace("rewrite:end")
 
-    rag.pipeline.rewrite_question = traced_rewrite
+    if rewrite is not None:
+        setattr(owner, name, traced_rewrite)
 
     stream = rag.chat.ChatClient.stream
 
