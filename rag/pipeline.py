@@ -229,7 +229,7 @@ async def ask(
         return
     sent: Sequence[Hit] = found.hits
     if options.excerpt_tokens:  # the sentences that matter: fewer tokens for the model to read
-        sent = await asyncio.to_thread(select_excerpts, standalone, found.hits, embed=embedder.embed, count=count,
+        sent = await asyncio.to_thread(select_excerpts, standalone, found.hits, count=count,
                                        budget=options.excerpt_tokens)  # fmt: skip
     notices: asyncio.Queue[Queued] = asyncio.Queue()
 

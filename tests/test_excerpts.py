@@ -33,6 +33,15 @@ def test_the_sentences_that_answer_are_kept_and_the_rest_left_out() -> None:
     assert format_passage(1, kept[0]).endswith(excerpt)
 
 
+def test_without_an_embedding_the_question_words_choose_as_the_app_does() -> None:
+    kept = select_excerpts("How long did Lincoln's formal education last?", [LINCOLN, OTHER], count=words, budget=20)
+    assert [h.chunk.id for h in kept] == ["c1"]
+    excerpt = kept[0].excerpt
+    assert excerpt is not None and "18 months" in excerpt and "frontier" not in excerpt and "Ducks" not in excerpt
+    kept = select_excerpts("Which birds are ducks confused with?", [LINCOLN, OTHER], count=words, budget=16)
+    assert [h.chunk.id for h in kept] == ["c2"] and "loons" in (kept[0].excerpt or "")
+
+
 def test_each_sentence_brings_the_next_one_and_gaps_are_marked() -> None:
     kept = select_excerpts("Lincoln frontier", [LINCOLN], embed=FakeEmbedder().embed, count=words, budget=12)
     assert kept[0].excerpt == "Lincoln grew up on the frontier. He had little schooling. …"
