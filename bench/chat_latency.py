@@ -50,6 +50,7 @@ import json
 import os
 import shutil
 import statistics
+import subprocess
 import sys
 import tempfile
 import threading
@@ -462,6 +463,15 @@ def build_index(corpus: Path, data: Path, n_chunks: int, *, base: int, per_file:
     return {"chunks": len(snapshot), "files": len(snapshot.files), "seconds": time.perf_counter() - started}
 
 
+def build_index_in(checkout: Path, corpus: Path, data: Path, n_chunks: int, base: int) -> None:
+    """``build_index`` as another checkout's code does it (the same seed: the same chunks)."""
+    code = ("import sys; from pathlib import Path; from bench.chat_latency import build_index; "
+            "build_index(Path(sys.argv[1]), Path(sys.argv[2]), int(sys.argv[3]), base=int(sys.argv[4]))")
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(checkout), os.environ.get("PYTHONPATH")]))}
+    subprocess.run([sys.executable, "-c", code, str(corpus), str(data), str(n_chunks), str(base)],
+                   cwd=checkout, env=env, check=True)  # fmt: skip
+
+
 # ============================================================================================
 # The browser side
 # ============================================================================================
@@ -846,8 +856,9 @@ def main(argv: list[str] | None = None) -> int:
         apps = [app]
         if args.baseline is not None:
             base_work = work / "baseline"
-            for part in ("corpus", "data"):
-                shutil.copytree(work / part, base_work / part)
+            # The same index, written by the baseline's own code: its on-disk format may differ,
+            # and an app that cannot read an index re-embeds every chunk for real.
+            build_index_in(args.baseline.resolve(), base_work / "corpus", base_work / "data", args.chunks, args.base)
             apps.append(App(base_work, app_env, checkout=args.baseline.resolve()))
         started = time.monotonic()
         for each in apps:
