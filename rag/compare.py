@@ -7,7 +7,9 @@ first token and the total time from sending the request, the generated tokens (t
 generation (after the first token), and we check the answer:
 
 - ``contains_expected``: a normalised substring test against the question's expected fact(s);
-- ``cites_relevant``: at least one ``[n]`` it cites points at a relevant source (and page).
+- ``cites_relevant``: at least one passage it cites points at a relevant source (and page); the
+  answer is taken as the chat shows it (``rag.pipeline.present``), so a citation found afterwards
+  for an answer without markers counts, as it does for the user.
 
 Each question goes through the whole answer path (``rag.pipeline.ask``) once per target: retrieval
 is deterministic, so every model gets the same passages. The report is ``rag.report``.
@@ -28,10 +30,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from rag.answering import Answer
-from rag.citations import citations_in
 from rag.endpoints import EndpointSpec
 from rag.errors import ConfigError, RagError
-from rag.pipeline import Event, Retrieved, Started
+from rag.pipeline import Event, Retrieved, Started, present
 from rag.prompting import TokenCounter
 from rag.types import ChatDelta, ChatDone, Hit
 
@@ -238,14 +239,15 @@ async def _ask(
         return retrieval
     if answer is None:
         return retrieval
-    run.text = answer.text.strip()
+    shown = present(answer, question.text)  # as the chat shows it: a citation found afterwards included
+    run.text = shown.text
     run.finish_reason = done.finish_reason if done else None
     usage = (done.usage or {}) if done else {}
     if usage.get("completion_tokens"):
         run.tokens = int(usage["completion_tokens"])
     else:
-        run.tokens, run.tokens_estimated = count(run.text), True
-    numbers = citations_in(run.text, len(answer.hits))
+        run.tokens, run.tokens_estimated = count(answer.text.strip()), True
+    numbers = shown.cited
     run.cited = [f"[{n}] {cite_label(answer.hits[n - 1])}" for n in numbers]
     run.contains_expected = contains_expected(run.text, question.expected)
     run.cites_relevant = cites_relevant(answer.hits, numbers, question.relevant)
