@@ -617,25 +617,26 @@ async def answer_question(state: Shared, chat: ChatState, question: str) -> None
                     drawn.rewrite.end = utc_now()
                     await drawn.rewrite.update()
                 elif isinstance(event, Retrieved):
+                    await drawn.retrieved(event.retrieval, options)
                     if not event.retrieval.relevant:
-                        await drawn.retrieved(event.retrieval, options)
                         await say(render.gate_text(event.retrieval), metadata=history.answer_metadata(
                             question=question, standalone=drawn.standalone, reply=NO_ANSWER, model="",
                             finish="gate"))  # fmt: skip
                         chat.history = remember(chat.history, question, NO_ANSWER)
                         return
-                    drawn.open_answer(event.retrieval, options)  # drawn while the request goes out
-                elif isinstance(event, Queued) and await drawn.opened() and not drawn.streaming:
+                    # created_at now: a message only streamed, then updated, is stored without one
+                    drawn.answer = cl.Message(content="", created_at=utc_now())
+                    await drawn.answer.stream_token(render.READING)  # the first token replaces it
+                elif isinstance(event, Queued) and drawn.answer is not None and not drawn.streaming:
                     # the model answers others first: say where this one is instead of a silent spinner
                     await drawn.answer.stream_token(render.queue_text(event.ahead), is_sequence=True)
                 elif isinstance(event, Started):
-                    await drawn.opened()
                     drawn.stream = event.answer
                     await drawn.retrieved(drawn.found, options, sent=event.answer.hits)  # type: ignore[arg-type]
                     connection = router.opened(options.policy)
                     if connection is not None and connection.models != list(chat.models_shown):
                         await send_settings(chat, connection)  # it came back, or with other models
-                elif isinstance(event, ChatDelta) and await drawn.opened():
+                elif isinstance(event, ChatDelta) and drawn.answer is not None:
                     await drawn.answer.stream_token(event.text, is_sequence=not drawn.streaming)
                     drawn.streaming = True
     except asyncio.CancelledError:
@@ -680,28 +681,6 @@ class Drawn:
         self.stream: Answer | None = None
         self.streaming = False
         self.finished = False
-        self.opening: asyncio.Future[None] | None = None
-
-    def open_answer(self, found: Retrieval, options: AskOptions) -> None:
-        """Draw the retrieval step and the answer's placeholder in the background: ``ask``
-        goes on to the model's request meanwhile. Drawing them first held the request back
-        by ~450 ms (a step and a message sent and stored in the history; bench/chat_latency,
-        docs/benchmarks.md). Everything that draws into the answer awaits ``opened`` first."""
-
-        async def draw() -> None:
-            await self.retrieved(found, options)
-            # created_at now: a message only streamed, then updated, is stored without one
-            self.answer = cl.Message(content="", created_at=utc_now())
-            await self.answer.stream_token(render.READING)  # the first token replaces it
-
-        self.opening = asyncio.ensure_future(draw())
-
-    async def opened(self) -> bool:
-        """Wait for ``open_answer``'s drawing (shielded: a stop still finds it complete);
-        whether there is an answer message to draw into."""
-        if self.opening is not None:
-            await asyncio.shield(self.opening)
-        return self.answer is not None
 
     async def retrieved(self, found: Retrieval, options: AskOptions, *, sent: Sequence[Any] | None = None) -> None:
         self.found = found
@@ -715,7 +694,6 @@ class Drawn:
             await self.retrieval.update()
 
     async def no_model(self, error: RagError) -> None:
-        await self.opened()
         hits = list(self.found.hits) if self.found is not None else []
         text = render.no_model_text(error, hits)
         elements = side_elements(hits, range(1, len(hits) + 1))
@@ -731,7 +709,6 @@ class Drawn:
     async def finish(self, state: Shared, *, note: str, finish: str = "", remembered: bool = False) -> None:
         """The answer's final text: the model's, citations split, a note, the sources; and
         what the history keeps of it (``remembered``: a follow-up may build on it)."""
-        await self.opened()
         if self.answer is None or self.finished:
             return
         self.finished = True
@@ -769,7 +746,6 @@ class Drawn:
 
     async def settle(self) -> None:
         """Anything still drawn as running is drawn done (the page never keeps a spinner)."""
-        await self.opened()
         if self.rewrite is not None and self.rewrite.end is None:
             self.rewrite.end = utc_now()
             await self.rewrite.update()
