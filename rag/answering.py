@@ -151,7 +151,7 @@ def start_answer(
     context_window: int,
     count: TokenCounter,
     max_answer_tokens: int = 512,
-    temperature: float | None = 0.2,
+    temperature: float | None = 0.0,
     system: str = SYSTEM_PROMPT,
 ) -> Answer:
     """The passages and history fitted into the model's window, ready to stream (nothing is

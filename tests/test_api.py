@@ -246,7 +246,7 @@ async def test_a_whole_answer_cites_lists_its_sources_and_carries_the_passages(l
     assert answer["usage"] == USAGE and answer["model"] == RAG and answer["object"] == "chat.completion"
     [sent] = endpoint.requests
     assert sent["model"] == MODEL and sent["messages"][0] == {"role": "system", "content": SYSTEM_PROMPT}
-    assert (sent["temperature"], sent["max_tokens"]) == (0.2, 512)  # RAG_TEMPERATURE, RAG_MAX_ANSWER_TOKENS
+    assert (sent["temperature"], sent["max_tokens"]) == (0.0, 512)  # RAG_TEMPERATURE, RAG_MAX_ANSWER_TOKENS
     assert "tools" not in sent and "tool_choice" not in sent
     assert "tool_calls" not in answer["choices"][0]["message"]
 

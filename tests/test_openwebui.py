@@ -52,7 +52,7 @@ class Case:
 
 
 def plain_model_case(model_id: str) -> Case:
-    # At RAG_TEMPERATURE (0.2) the small models repeat the word from the prompt.
+    # At RAG_TEMPERATURE (0, greedy) the small models repeat the word from the prompt.
     return Case(
         name="plain-model",
         model=model_id,

@@ -277,7 +277,8 @@ def documents(settings: Settings, tmp_path: Path) -> Iterator[tuple[OpenAIServer
     """``serve()`` with the retrieval models, over a corpus of ``DOCS``, in a thread."""
     for name, text in DOCS.items():
         (settings.corpus_dir / name).write_text(text, encoding="utf-8")
-    settings = settings.replace(min_relevance=0.1, endpoints_file=settings.data_dir / "none.toml")
+    # temperature 0.3: not the default, so the check below sees the server's own setting applied
+    settings = settings.replace(min_relevance=0.1, endpoints_file=settings.data_dir / "none.toml", temperature=0.3)
     runtime = EchoRuntime(delay=0.002)
     ready: list[OpenAIServer] = []
     thread = threading.Thread(target=serve, args=(settings,), daemon=True, kwargs={
@@ -319,7 +320,7 @@ def test_rag_serve_lists_and_answers_the_retrieval_model_from_its_index(
     assert answer["choices"][0]["message"]["content"].endswith("\n\n**Passages used**\n- [1] solar.md, The Sun")
     [inner] = runtime.requests  # the answer's own request came back to this server, for the bare model
     assert question in inner["messages"][-1]["content"] and "8 minutes and 20 seconds" in inner["messages"][-1]["content"]
-    assert (inner["temperature"], inner["max_tokens"]) == (0.2, 512)
+    assert (inner["temperature"], inner["max_tokens"]) == (0.3, 512)
     with client.stream("POST", f"{server.url}/chat/completions",
                        json=chat(question, RAG, stream=True, stream_options={"include_usage": True})) as response:  # fmt: skip
         assert response.status_code == 200 and response.headers["content-type"].startswith("text/event-stream")
