@@ -536,25 +536,31 @@ class IndexStore:
             return np.zeros((0, snapshot.params.dimension), np.float32)
         return np.asarray(snapshot.vectors.reconstruct_batch(np.asarray(keys, dtype=np.int64)), dtype=np.float32)
 
-    def _merge(self, snapshot: Snapshot, merged: list[dict], *, oldest: bool) -> dict:
-        """The live contents of ``merged`` (consecutive segments) as one segment. Deletions are
-        kept unless nothing older is left for them to hide."""
+    def _merge(self, snapshot: Snapshot, merged: list[dict], *, oldest: bool) -> tuple[dict, list[str], list[int]]:
+        """The live contents of ``merged`` (consecutive segments) as one segment, with the sources
+        and keys that now live in it. Deletions are kept unless nothing older is left for them to
+        hide. Reads the merged segments' own lists of files and keys, so that its cost is theirs,
+        not the whole index's."""
         names = {seg["name"] for seg in merged}
+        sources: set[str] = set()
+        for seg in merged:
+            sources.update(json.loads((self.root / seg["name"] / "files.json").read_text(encoding="utf-8")))
+        moved = sorted(source for source in sources if snapshot.record_home.get(source) in names)
         records: dict[str, FileRecord | None] = {}
-        for source, home in snapshot.record_home.items():
-            if home in names:
-                record = snapshot.files.get(source)
-                if record is not None or not oldest:
-                    records[source] = record
-        keys = sorted(k for k, home in snapshot.key_home.items() if home in names and k in snapshot.chunks)
+        for source in moved:
+            record = snapshot.files.get(source)
+            if record is not None or not oldest:
+                records[source] = record
         parts = []
         for seg in merged:
-            mine = [k for k in keys if snapshot.key_home[k] == seg["name"]]
+            held = np.load(self.root / seg["name"] / "keys.npy").tolist()
+            mine = sorted(k for k in held if snapshot.key_home.get(k) == seg["name"] and k in snapshot.chunks)
             if mine:
                 parts.append((KeywordIndex.load(self.root / seg["name"] / "keyword.npz"), mine))
         keyword = KeywordIndex.merged(parts) if parts else KeywordIndex()
         order = keyword._ids.tolist()  # the merged rows' order: vectors and chunks follow it
-        return self._write_segment(snapshot, records, order, self._vectors_of(snapshot, order), keyword)
+        segment = self._write_segment(snapshot, records, order, self._vectors_of(snapshot, order), keyword)
+        return segment, moved, order
 
     def commit(self, snapshot: Snapshot, *, extra: dict | None = None) -> str:
         """Make ``snapshot`` the live generation, atomically, writing only what changed.
@@ -592,10 +598,8 @@ class IndexStore:
             self._adopt(snapshot, segment, snapshot.files.keys(), keys)
             snapshot.ann_file = None
         while len(segments) >= 2 and 2 * _size(segments[-1]) >= _size(segments[-2]):
-            merged = self._merge(snapshot, segments[-2:], oldest=len(segments) == 2)
-            self._adopt(snapshot, merged, [s for s, h in snapshot.record_home.items()
-                                           if h in (segments[-2]["name"], segments[-1]["name"])],
-                        [k for k, h in snapshot.key_home.items() if h in (segments[-2]["name"], segments[-1]["name"])])
+            merged, sources, keys = self._merge(snapshot, segments[-2:], oldest=len(segments) == 2)
+            self._adopt(snapshot, merged, sources, keys)
             segments[-2:] = [merged]
         if len(segments) == 1:  # nothing older for a deletion to hide
             snapshot.record_home = {s: h for s, h in snapshot.record_home.items() if s in snapshot.files}
