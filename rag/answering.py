@@ -25,6 +25,7 @@ from typing import TYPE_CHECKING
 
 from rag.chat import ChatClient
 from rag.citations import citations_in
+from rag.config import DEFAULT_TEMPERATURE
 from rag.errors import EndpointError
 from rag.prompting import SYSTEM_PROMPT, TokenCounter, clean_rewrite, fit_to_budget, rewrite_messages
 from rag.types import ChatDone, ChatEvent, Hit, Message, Queued
@@ -151,7 +152,7 @@ def start_answer(
     context_window: int,
     count: TokenCounter,
     max_answer_tokens: int = 512,
-    temperature: float | None = 0.0,
+    temperature: float | None = DEFAULT_TEMPERATURE,
     system: str = SYSTEM_PROMPT,
 ) -> Answer:
     """The passages and history fitted into the model's window, ready to stream (nothing is

@@ -31,6 +31,10 @@ AUTH_MODES = ("none", "password")
 # Cosine similarity (all-MiniLM-L6-v2) below which a passage is not relevant: on the sample
 # corpus off-topic questions peak at 0.28, on-topic ones start near 0.49.
 DEFAULT_MIN_RELEVANCE = 0.35
+# Greedy decoding: the answer is the same every time it is asked. On qa-dev the 0.5B answered
+# 50/100 at 0 against 48/100 at 0.2; at 0.2 it answered "how long does light take" with the
+# passage's first sentence (about the AU) in 3 of 6 tries (docs/evaluation.md).
+DEFAULT_TEMPERATURE = 0.0
 
 
 class Secret(str):
@@ -86,10 +90,7 @@ class Settings:
     max_answer_tokens: int = 512
     # Tokens of passage text the model is sent: the sentences that matter (rag/excerpts.py); 0: whole passages.
     excerpt_tokens: int = 260
-    # 0: greedy decoding. The answer is the same every time it is asked, and on qa-dev the 0.5B answered
-    # 50/100 at 0 against 48/100 at 0.2; at 0.2 it answered "how long does light take" with the
-    # passage's first sentence (about the AU) in 3 of 6 tries (docs/evaluation.md).
-    temperature: float = 0.0
+    temperature: float = DEFAULT_TEMPERATURE
     # rag serve: streamed tokens gather this long between writes (0: one event per token).
     serve_flush_ms: float = 25.0
     # The OpenAI-compatible API the app serves next to the chat (rag/asgi.py; port 0: none).

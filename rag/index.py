@@ -542,10 +542,8 @@ class IndexStore:
         hide. Reads the merged segments' own lists of files and keys, so that its cost is theirs,
         not the whole index's."""
         names = {seg["name"] for seg in merged}
-        sources: set[str] = set()
-        for seg in merged:
-            sources.update(json.loads((self.root / seg["name"] / "files.json").read_text(encoding="utf-8")))
-        moved = sorted(source for source in sources if snapshot.record_home.get(source) in names)
+        _, recorded = self._read_records(merged)  # every source the merged segments record
+        moved = sorted(source for source in recorded if snapshot.record_home.get(source) in names)
         records: dict[str, FileRecord | None] = {}
         for source in moved:
             record = snapshot.files.get(source)

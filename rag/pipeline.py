@@ -34,7 +34,7 @@ from typing import Any
 
 from rag.answering import Answer, needs_rewrite
 from rag.citations import citations_in, normalize_citations, strip_citations
-from rag.config import DEFAULT_MIN_RELEVANCE, POLICIES, RETRIEVAL_MODES, Settings
+from rag.config import DEFAULT_MIN_RELEVANCE, DEFAULT_TEMPERATURE, POLICIES, RETRIEVAL_MODES, Settings
 from rag.embedding import Embedder
 from rag.endpoints import EndpointSpec
 from rag.chunking import sentence_spans
@@ -60,7 +60,7 @@ class AskOptions:
 
     model: str = ""  # empty: the endpoint's own
     top_k: int = 5
-    temperature: float = 0.0
+    temperature: float = DEFAULT_TEMPERATURE
     mode: str = "hybrid"
     min_relevance: float = DEFAULT_MIN_RELEVANCE
     policy: str = "local-only"  # routing (rag/routing.py)
