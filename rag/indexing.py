@@ -31,13 +31,13 @@ from rag.config import Settings
 from rag.embedding import Embedder
 from rag.errors import IndexMismatchError, IndexMissingError, LoadError
 from rag.index import FileRecord, IndexParams, text_hash
-from rag.loaders import CorpusFile, load_bytes, scan_corpus
+from rag.loaders import CorpusFile, Scan, load_bytes, scan_corpus
 from rag.store import open_store
 from rag.types import Chunk, Document, IndexReport, SkippedFile
 
 if TYPE_CHECKING:
-    from rag.index import Snapshot
-    from rag.milvus import MilvusSnapshot
+    from rag.index import IndexStore, Snapshot
+    from rag.milvus import MilvusSnapshot, MilvusStore
 
 CHUNKER_VERSION = "structure-v1"
 
@@ -144,6 +144,11 @@ def sync_index(
         embedder = RayEmbedder.connect(embedder, settings)
     with store.lock(wait=wait_for_lock):
         store.collect_garbage()
+        scan = scan_corpus(settings.corpus_dir, max_bytes=settings.max_file_bytes)
+        if not full:
+            quiet = _nothing_changed(store, params, scan, started)
+            if quiet is not None:
+                return quiet
         rebuild_reason: str | None = "full rebuild requested" if full else None
         old: Snapshot | MilvusSnapshot | None = None
         if not full:
@@ -165,7 +170,6 @@ def sync_index(
             lookup = _with_embedded_index(lookup, settings, params)
         cache = _VectorCache(lookup)
 
-        scan = scan_corpus(settings.corpus_dir, max_bytes=settings.max_file_bytes)
         skipped: list[SkippedFile] = list(scan.skipped)
         present = {f.source for f in scan.files}
         unchanged: list[str] = []
@@ -178,12 +182,7 @@ def sync_index(
         # files that are gone from the folder are removed.
         # A skipped folder (unreadable, a loop) is reported with a trailing "/": its files stay.
         # Removal waits until after embedding, so a renamed file reuses its old vectors.
-        skipped_files = {s.source for s in skipped if not s.source.endswith("/")}
-        skipped_dirs = tuple(s.source for s in skipped if s.source.endswith("/"))
-        kept = sorted(
-            s for s in work.files if s not in present and (s in skipped_files or s.startswith(skipped_dirs))
-        )
-        removed = sorted(s for s in work.files if s not in present and s not in kept)
+        kept, removed = _kept_and_removed(work.files, present, skipped)
         notes.extend(f"{source}: kept the previously indexed version" for source in kept)
 
         pending: list[_Pending] = []
@@ -282,6 +281,57 @@ def sync_index(
         seconds=time.monotonic() - started,
         rebuild_reason=rebuild_reason,
         notes=tuple(notes),
+    )
+
+
+def _kept_and_removed(
+    indexed: Iterable[str], present: set[str], skipped: Iterable[SkippedFile]
+) -> tuple[list[str], list[str]]:
+    """Indexed files gone from the scan: those skipped this time (or under a skipped folder,
+    reported with a trailing "/") are kept; the others were removed."""
+    skipped = list(skipped)
+    skipped_files = {s.source for s in skipped if not s.source.endswith("/")}
+    skipped_dirs = tuple(s.source for s in skipped if s.source.endswith("/"))
+    gone = [s for s in indexed if s not in present]
+    kept = sorted(s for s in gone if s in skipped_files or s.startswith(skipped_dirs))
+    removed = sorted(s for s in gone if s not in kept)
+    return kept, removed
+
+
+def _nothing_changed(
+    store: IndexStore | MilvusStore, params: IndexParams, scan: Scan, started: float
+) -> IndexReport | None:
+    """The report of a run with nothing to do, decided from the stored file records alone; None
+    when anything may have changed (the full path then decides). Loading every segment to find
+    that nothing changed made each start of a 100k-chunk index wait 7.9 s."""
+    try:
+        manifest = store.read_manifest()
+        if manifest is None or "files" not in manifest:
+            return None
+        if params.difference(IndexParams(**manifest["params"])) is not None:
+            return None
+    except (IndexMismatchError, KeyError, TypeError):
+        return None
+    files = manifest["files"]
+    for file in scan.files:
+        record = files.get(file.source)
+        if record is None or record["size"] != file.size or record["mtime_ns"] != file.mtime_ns:
+            return None
+    kept, removed = _kept_and_removed(files, {f.source for f in scan.files}, scan.skipped)
+    if removed:
+        return None
+    return IndexReport(
+        added=(),
+        updated=(),
+        removed=(),
+        unchanged=tuple(sorted(f.source for f in scan.files)),
+        skipped=tuple(sorted(scan.skipped, key=lambda s: s.source)),
+        ignored=scan.ignored,
+        chunks_embedded=0,
+        chunks_total=int(manifest["chunk_count"]),
+        seconds=time.monotonic() - started,
+        rebuild_reason=None,
+        notes=tuple(f"{source}: kept the previously indexed version" for source in kept),
     )
 
 

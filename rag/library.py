@@ -159,9 +159,21 @@ class Library:
                 report = await asyncio.to_thread(
                     sync_index, self.settings, self.embedder, show_progress=False, wait_for_lock=True
                 )
+                try:
+                    snapshot = await self.snapshot()
+                except IndexMismatchError as exc:
+                    if report.added or report.updated or report.removed or report.rebuild_reason:
+                        raise
+                    # The file records said nothing changed (decided without loading the index), yet
+                    # the index does not load: damaged outside the app. Rebuild it, as an update
+                    # that found it so while loading would.
+                    log.warning("the index does not load (%s): rebuilding it", exc)
+                    report = await asyncio.to_thread(
+                        sync_index, self.settings, self.embedder, full=True, show_progress=False, wait_for_lock=True
+                    )
+                    snapshot = await self.snapshot()
             finally:
                 self.indexing_since = None
-            snapshot = await self.snapshot()
         log.info("index: +%d ~%d -%d, %d passages", len(report.added), len(report.updated),
                  len(report.removed), report.chunks_total)  # fmt: skip
         self.on_update(report, snapshot, origin)

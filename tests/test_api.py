@@ -223,7 +223,8 @@ async def test_models_lists_one_retrieval_model_per_model_of_the_endpoint(librar
 
 async def test_a_whole_answer_cites_lists_its_sources_and_carries_the_passages(library: Library) -> None:
     endpoint = streaming("Light takes about ", "8 minutes and 20 seconds [1, 2].")
-    models, router = documents(library, endpoint)
+    # Not the default temperature (0): a setting that never reached the request would look the same.
+    models, router = documents(library, endpoint, temperature=0.3)
     try:
         reply = await models.respond(body(tools=[{"type": "function", "function": {"name": "f"}}], tool_choice="auto"))
     finally:
@@ -246,7 +247,7 @@ async def test_a_whole_answer_cites_lists_its_sources_and_carries_the_passages(l
     assert answer["usage"] == USAGE and answer["model"] == RAG and answer["object"] == "chat.completion"
     [sent] = endpoint.requests
     assert sent["model"] == MODEL and sent["messages"][0] == {"role": "system", "content": SYSTEM_PROMPT}
-    assert (sent["temperature"], sent["max_tokens"]) == (0.0, 512)  # RAG_TEMPERATURE, RAG_MAX_ANSWER_TOKENS
+    assert (sent["temperature"], sent["max_tokens"]) == (0.3, 512)  # RAG_TEMPERATURE, RAG_MAX_ANSWER_TOKENS
     assert "tools" not in sent and "tool_choice" not in sent
     assert "tool_calls" not in answer["choices"][0]["message"]
 

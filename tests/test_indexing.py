@@ -67,6 +67,31 @@ def test_first_run_indexes_everything_and_second_run_nothing(settings: Settings)
     assert search(settings, again, "topic3", k=1) == ["notes/file003.md"]
 
 
+def test_nothing_changed_is_decided_from_the_file_records_without_loading_the_index(
+    settings: Settings, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    many_files(settings.corpus_dir, 4)
+    first = sync_index(settings, FakeEmbedder())
+
+    def refuse(*args: object, **kwargs: object) -> None:
+        raise AssertionError("the whole index was loaded")
+
+    monkeypatch.setattr(IndexStore, "load", refuse)
+    report = sync_index(settings, FakeEmbedder())
+    assert (report.added, report.updated, report.removed, report.chunks_embedded) == ((), (), (), 0)
+    assert report.unchanged == first.added and report.chunks_total == first.chunks_total
+    # Anything that may have changed goes the full way: a new stat, a deleted file.
+    bump_mtime(settings.corpus_dir / "notes/file001.md")
+    with pytest.raises(AssertionError, match="loaded"):
+        sync_index(settings, FakeEmbedder())
+    monkeypatch.undo()
+    sync_index(settings, FakeEmbedder())
+    monkeypatch.setattr(IndexStore, "load", refuse)
+    (settings.corpus_dir / "notes/file002.md").unlink()
+    with pytest.raises(AssertionError, match="loaded"):
+        sync_index(settings, FakeEmbedder())
+
+
 def test_changing_one_file_among_many_embeds_only_that_file(settings: Settings) -> None:
     many_files(settings.corpus_dir, 40)
     sync_index(settings, FakeEmbedder())

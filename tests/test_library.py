@@ -120,6 +120,24 @@ def test_an_update_that_fails_is_reported_and_the_index_kept(library: Library, s
     asyncio.run(main())
 
 
+def test_an_index_damaged_outside_the_app_is_rebuilt_although_no_file_changed(
+    library: Library, settings: Settings
+) -> None:
+    async def main() -> None:
+        reports = Reports()
+        library.on_update = reports
+        await library.ensure_index()
+        for vectors in settings.index_dir.glob("seg-*/vectors.npy"):
+            vectors.unlink()  # the file records still say every document is indexed
+        restarted = Library(settings, FakeEmbedder(), debounce_ms=300)
+        restarted.on_update = reports
+        report = await restarted.sync()
+        assert report.rebuild_reason == "full rebuild requested" and report.added == ("guide.md",)
+        assert len(await restarted.snapshot()) == 1
+
+    asyncio.run(main())
+
+
 def test_hidden_files_do_not_trigger_updates() -> None:
     root = Path("/home/me/.local/docs_corpus")
     assert visible_change(root, "/home/me/.local/docs_corpus/guide.md")
