@@ -14,6 +14,7 @@ from rag.prompting import (
     ANSWER_INSTRUCTION,
     NO_PASSAGES,
     SYSTEM_PROMPT,
+    answer_instruction,
     build_messages,
     count_message_tokens,
     default_encoder,
@@ -93,6 +94,38 @@ def test_the_prompt_keeps_to_the_documents_treats_them_as_data_and_asks_last() -
     user = build_messages("Why?", [hit(0, "Because.")])[-1].content
     assert user.index("Because.") < user.index("Question: Why?") < user.index(ANSWER_INSTRUCTION)
     assert "[1]" not in user  # labelled "Document 1": a small model answers "[1]" with the label alone
+
+
+@pytest.mark.parametrize(
+    ("question", "asks"),
+    [
+        ("Who assassinated Lincoln?", "names the person or group"),
+        ("  whom did she marry?", "names the person or group"),
+        ("When was the treaty signed?", "gives the date or time"),
+        ("In what year did the war end?", "gives the date or time"),
+        ("Which century saw the first printing press?", "gives the date or time"),
+        ("Where is Wilson buried?", "names the place"),
+        ("In which country is Lake Volta?", "names the place"),
+        ("How many moons does Mars have?", "gives the number"),
+        ("How long does light take to reach Earth?", "gives the measure"),
+        ("\"How tall is the tower?\"", "gives the measure"),
+    ],
+)
+def test_the_instruction_says_what_a_factoid_question_asks_for(question: str, asks: str) -> None:
+    instruction = answer_instruction(question)
+    assert f"one short sentence that {asks} asked about" in instruction
+    assert instruction.endswith("using only the documents above.")
+    assert instruction in build_messages(question, [hit(0, "Text.")])[-1].content
+
+
+@pytest.mark.parametrize(
+    "question",
+    ["Why is the sky blue?", "How do I reset the router?", "What is the capital?", "Whose idea was it?",
+     "Tell me who won", "Whoever said that?", "However, why?", "Wherein lies the fault?",
+     "Who was Marie Curie?", "who is J. R. R. Tolkien"],
+)
+def test_other_questions_get_the_plain_instruction(question: str) -> None:
+    assert answer_instruction(question) == ANSWER_INSTRUCTION
 
 
 def test_count_message_tokens_adds_openai_overheads() -> None:
