@@ -26,7 +26,7 @@ Decisions:
   this module loads, before Chainlit serves anything: a host that must not be served without
   sign-in, or a database that cannot be opened, stops ``chainlit run`` with one line.
 - Who may do what is checked twice: by ``AccessGuard`` in front of Chainlit's routes (a
-  removed user, an upload by a reader) and in the handlers (a reader's attached file, the
+  removed user, an upload by a reader, a rating of someone else's answer) and in the handlers (a reader's attached file, the
   settings that change where the shared documents may be sent).
 """
 
@@ -50,6 +50,7 @@ import chainlit as cl
 from chainlit.auth import decode_jwt
 from chainlit.auth.cookie import get_token_from_cookies
 from chainlit.context import init_ws_context
+from chainlit.data import get_data_layer
 from chainlit.data.sql_alchemy import SQLAlchemyDataLayer
 from chainlit.input_widget import Select, Slider
 from chainlit.session import WebsocketSession
@@ -129,7 +130,7 @@ SIGN_IN = _start_up()
 
 
 class HistoryLayer(history.DataLayerFixes, SQLAlchemyDataLayer):
-    """Chainlit's SQL data layer with two fixes of ours (``rag.history.DataLayerFixes``)."""
+    """Chainlit's SQL data layer with our fixes and lookups (``rag.history.DataLayerFixes``)."""
 
 
 if SIGN_IN != "anonymous":
@@ -182,8 +183,9 @@ def _session_user(scope: dict[str, Any]) -> cl.User | None:
 class AccessGuard:
     """In front of Chainlit's routes (pure ASGI, so streams and websockets pass untouched):
     a session whose user was removed stops working at once (Chainlit's token would stay valid
-    for days), and only an admin may upload a file (``rag.access.route_needs``). Everything
-    else, signing in included, is Chainlit's own check."""
+    for days), only an admin may upload a file, and a rating goes only to an answer in one's own
+    chats (``rag.access.route_needs``, ``rag.history.feedback_allowed``). Everything else,
+    signing in included, is Chainlit's own check."""
 
     def __init__(self, app: Any) -> None:
         self.app = app
@@ -202,7 +204,45 @@ class AccessGuard:
                     if user is None:
                         return await _deny(scope, receive, send, 401, "Unauthorized")
                     return await _deny(scope, receive, send, 403, "only admins can add documents")
+                if need == "feedback" and user is not None:
+                    body, receive = await _read_body(receive)
+                    try:
+                        payload = json.loads(body)
+                    except ValueError:
+                        return await _deny(scope, receive, send, 400, "the request body is not a rating (JSON)")
+                    if not await history.feedback_allowed(get_data_layer(), user.identifier, scope["method"], payload):
+                        return await _deny(scope, receive, send, 404, "no such answer or rating among your chats")
         await self.app(scope, receive, send)
+
+
+# A rating is a few hundred bytes; a body larger than this is not one (Chainlit would refuse it).
+_FEEDBACK_BODY_LIMIT = 64 * 1024
+
+
+async def _read_body(receive: Any) -> tuple[bytes, Any]:
+    """A request's body (empty when over ``_FEEDBACK_BODY_LIMIT``: it then fails to parse), and
+    a ``receive`` that hands the same body to the app behind."""
+    chunks, size, more = [], 0, True
+    while more:
+        message = await receive()
+        if message["type"] != "http.request":
+            break
+        chunk = message.get("body", b"")
+        size += len(chunk)
+        if size <= _FEEDBACK_BODY_LIMIT:
+            chunks.append(chunk)
+        more = message.get("more_body", False)
+    body = b"".join(chunks) if size <= _FEEDBACK_BODY_LIMIT else b""
+    replayed = False
+
+    async def replay() -> dict[str, Any]:
+        nonlocal replayed
+        if not replayed:
+            replayed = True
+            return {"type": "http.request", "body": body, "more_body": False}
+        return await receive()
+
+    return body, replay
 
 
 async def _deny(scope: dict[str, Any], receive: Any, send: Any, status: int, detail: str) -> None:

@@ -157,17 +157,23 @@ _ACCOUNT_ROUTES = ("/user", "/project/", "/feedback", "/mcp", "/ws/", "/set-sess
 
 def route_needs(method: str, path: str) -> str | None:
     """What a request to Chainlit's server needs on top of Chainlit's own checks: ``"upload"``
-    (an admin) to put a file into a chat (``POST /project/file``), ``"account"`` (a user who
-    still exists) for the data routes and the chat socket, ``None`` for pages, assets and
-    signing in or out (a removed user must still get the login page).
+    (an admin) to put a file into a chat (``POST /project/file``), ``"feedback"`` (an account,
+    rating answers in its own chats only: ``rag.history.feedback_allowed``) to rate an answer or
+    take a rating back, ``"account"`` (a user who still exists) for the other data routes and the
+    chat socket, ``None`` for pages, assets and signing in or out (a removed user must still get
+    the login page).
 
     >>> route_needs("POST", "/project/file"), route_needs("GET", "/project/thread/x"), route_needs("GET", "/thread/x")
     ('upload', 'account', None)
     >>> route_needs("GET", "/ws/socket.io/"), route_needs("POST", "/login"), route_needs("GET", "/project/translations")
     ('account', None, None)
+    >>> route_needs("PUT", "/feedback"), route_needs("DELETE", "/feedback")
+    ('feedback', 'feedback')
     """
     if method == "POST" and path.rstrip("/") == "/project/file":
         return "upload"
+    if method in ("PUT", "DELETE") and path.rstrip("/") == "/feedback":
+        return "feedback"
     if path == "/project/translations":  # the login page needs it too
         return None
     if path == "/user" or any(path.startswith(prefix) for prefix in _ACCOUNT_ROUTES[1:]):

@@ -24,7 +24,8 @@ Decisions:
 - **Two fixes to Chainlit's data layer** (``DataLayerFixes``, mixed in by app.py): a missing
   thread is "not found" rather than a 500 with a traceback (``ThreadAuthorLookup``), and a
   step's writes land in order, so a quick step's output is not blanked by its own creation
-  (``OrderedStepWrites``).
+  (``OrderedStepWrites``). With them, the lookups (``FeedbackOwners``) that let app.py refuse a
+  rating of someone else's answer: Chainlit's ``/feedback`` routes write any ids they are given.
 
 Nothing here imports Chainlit: the storage client and the mixin are duck-typed to it.
 """
@@ -35,6 +36,7 @@ import asyncio
 import base64
 import json
 import os
+import uuid
 from collections.abc import Callable, Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -394,8 +396,77 @@ class OrderedStepWrites:
                 locks[key] = (lock, users - 1)
 
 
-class DataLayerFixes(ThreadAuthorLookup, OrderedStepWrites):
-    """Both fixes: ``class HistoryLayer(DataLayerFixes, SQLAlchemyDataLayer)``."""
+class FeedbackOwners:
+    """Mix in before ``SQLAlchemyDataLayer``: whose chat a rated answer, or a rating, is in.
+
+    Chainlit's ``PUT`` and ``DELETE /feedback`` check only that someone is signed in, then write
+    or delete whatever ids the request names; ``feedback_allowed`` asks these two lookups first.
+    An id that is not a UUID (every id Chainlit makes is one) is unknown without asking the
+    database: PostgreSQL would refuse it as an error in the log."""
+
+    async def step_chat(self, step_id: object) -> tuple[str, str]:
+        """``(thread id, author identifier)`` of the chat holding step ``step_id``; empty strings
+        when there is no such step."""
+        if not _is_uuid(step_id):
+            return "", ""
+        query = 'SELECT s."threadId" AS thread, t."userIdentifier" AS author FROM steps s JOIN threads t ON t."id" = s."threadId" WHERE s."id" = :id'
+        rows = await self.execute_sql(query=query, parameters={"id": str(step_id)})  # type: ignore[attr-defined]
+        if isinstance(rows, list) and rows:
+            return str(rows[0].get("thread") or ""), str(rows[0].get("author") or "")
+        return "", ""
+
+    async def feedback_step(self, feedback_id: object) -> str | None:
+        """The step (answer) a stored feedback rates; ``None`` when there is no such feedback."""
+        if not _is_uuid(feedback_id):
+            return None
+        query = 'SELECT "forId" FROM feedbacks WHERE "id" = :id'
+        rows = await self.execute_sql(query=query, parameters={"id": str(feedback_id)})  # type: ignore[attr-defined]
+        return str(rows[0]["forId"]) if isinstance(rows, list) and rows else None
+
+
+def _is_uuid(value: object) -> bool:
+    """Whether ``value`` is an id in the form Chainlit makes (``str(uuid.uuid4())``).
+
+    >>> _is_uuid("0b6f1d1e-9a4c-4c1e-8f5e-2d1a3b4c5d6e"), _is_uuid("x'; --"), _is_uuid(None), _is_uuid(7)
+    (True, False, False, False)
+    """
+    if not isinstance(value, str) or len(value) != 36:
+        return False
+    try:
+        uuid.UUID(value)
+    except ValueError:
+        return False
+    return True
+
+
+async def feedback_allowed(layer: Any, identifier: str, method: str, payload: object) -> bool:
+    """Whether the signed-in ``identifier`` may make this request to Chainlit's ``/feedback``
+    route (``payload``: its JSON body): rate an answer in a chat of their own (``PUT``; an
+    existing rating it names must be one of theirs too, and a ``threadId``, when given, the
+    answer's chat), or take back a rating of theirs (``DELETE``). ``layer`` has the
+    ``FeedbackOwners`` lookups. Anything malformed is refused: Chainlit would refuse it too."""
+    body = payload if isinstance(payload, dict) else {}
+    if method == "DELETE":
+        step = await layer.feedback_step(body.get("feedbackId"))
+        return step is not None and (await layer.step_chat(step))[1] == identifier
+    if method != "PUT":
+        return True  # Chainlit answers other methods with 405
+    feedback = body.get("feedback")
+    if not isinstance(feedback, dict):
+        return False
+    thread, author = await layer.step_chat(feedback.get("forId"))
+    if not author or author != identifier or feedback.get("threadId") not in (None, thread):
+        return False
+    if feedback.get("id") is None:
+        return True
+    rated = await layer.feedback_step(feedback["id"])
+    if rated is None:
+        return _is_uuid(feedback["id"])  # a new rating, under an id the page chose
+    return (await layer.step_chat(rated))[1] == identifier  # a changed rating: it must be theirs
+
+
+class DataLayerFixes(ThreadAuthorLookup, OrderedStepWrites, FeedbackOwners):
+    """The fixes and lookups: ``class HistoryLayer(DataLayerFixes, SQLAlchemyDataLayer)``."""
 
 
 # --- what an answer leaves behind, and what a resumed chat reads back ------------------------

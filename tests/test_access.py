@@ -187,7 +187,8 @@ def test_readers_cannot_change_shared_settings() -> None:
 @pytest.mark.parametrize(
     ("method", "path", "need"),
     [("POST", "/project/file", "upload"), ("POST", "/project/file/", "upload"), ("GET", "/project/file/abc", "account"),
-     ("POST", "/project/threads", "account"), ("GET", "/project/settings", "account"), ("PUT", "/feedback", "account"),
+     ("POST", "/project/threads", "account"), ("GET", "/project/settings", "account"), ("PUT", "/feedback", "feedback"),
+     ("DELETE", "/feedback/", "feedback"), ("GET", "/feedback", "account"),
      ("GET", "/user", "account"), ("GET", "/ws/socket.io/", "account"), ("POST", "/mcp", "account"),
      ("GET", "/", None), ("GET", "/thread/abc", None), ("GET", "/login", None), ("POST", "/login", None),
      ("POST", "/logout", None), ("POST", "/auth/header", None), ("GET", "/project/translations", None),

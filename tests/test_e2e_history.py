@@ -277,6 +277,29 @@ def test_one_user_cannot_read_anothers_chats_by_id(app: AppProcess, adas_chat: s
     assert ada.get(f"/project/thread/{adas_chat}").json()["name"] == QUESTION  # not renamed, not deleted
 
 
+def test_one_user_cannot_rate_or_unrate_anothers_answers(app: AppProcess, db: Database, adas_chat: str) -> None:
+    """Chainlit's /feedback routes write whatever ids they are given; the guard checks whose they are."""
+    ada, bob = session(app, "ada"), session(app, "bob")
+    steps = ada.get(f"/project/thread/{adas_chat}").json()["steps"]
+    answer = next(s["id"] for s in steps if s["type"] == "assistant_message")
+    rated = ada.put("/feedback", json={"feedback": {"forId": answer, "threadId": adas_chat, "value": 1},
+                                       "sessionId": str(uuid.uuid4())})  # fmt: skip
+    assert rated.status_code == 200, rated.text
+    rating = rated.json()["feedbackId"]
+    for method, body in [
+        ("PUT", {"feedback": {"forId": answer, "value": 0}, "sessionId": "s"}),
+        ("PUT", {"feedback": {"forId": answer, "id": rating, "value": 0, "comment": "bad"}, "sessionId": "s"}),
+        ("DELETE", {"feedbackId": rating}),
+    ]:
+        response = bob.request(method, "/feedback", json=body)
+        assert response.status_code == 404, (method, body, response.status_code, response.text)
+    assert bob.request("PUT", "/feedback", content=b"{not json").status_code == 400
+    assert db.rows(f'SELECT "forId", value, comment FROM feedbacks WHERE id = \'{rating}\'') == [(answer, "1", "")]
+    assert len(db.rows(f'SELECT id FROM feedbacks WHERE "forId" = \'{answer}\'')) == 1
+    assert ada.request("DELETE", "/feedback", json={"feedbackId": rating}).status_code == 200
+    assert db.rows(f'SELECT id FROM feedbacks WHERE "forId" = \'{answer}\'') == []
+
+
 class OnEveryAddress(AppProcess):
     def command(self) -> list[str]:
         return [*super().command()[:-4], "--host", "0.0.0.0", "--port", str(self.port)]

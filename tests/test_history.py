@@ -39,6 +39,7 @@ from rag.history import (
     data_layer_options,
     database_url,
     describe_database,
+    feedback_allowed,
     history_from_steps,
     passage_note,
     passage_states,
@@ -355,6 +356,56 @@ def test_deleting_a_chat_removes_its_steps_elements_and_feedback(cl: SimpleNames
 
     asyncio.run(scenario())
     assert sql_errors() == []
+
+
+def test_a_rating_goes_only_to_an_answer_in_ones_own_chats(cl: SimpleNamespace, backend: Settings, sql_errors: Any) -> None:
+    """What app.py's guard asks before Chainlit's /feedback routes, which write any ids given."""
+
+    async def scenario() -> None:
+        layer = await open_layer(cl, backend)
+        try:
+            _, adas_chat = await start_chat(cl, layer, "ada")
+            adas_answer = await write_turn(cl, layer, "ada's question", "ada's answer")
+            _, bobs_chat = await start_chat(cl, layer, "bob")
+            bobs_answer = await write_turn(cl, layer, "bob's question", "bob's answer")
+            adas_rating = await layer.upsert_feedback(cl.Feedback(forId=adas_answer, value=1, threadId=adas_chat))
+
+            def put(**feedback: Any) -> dict[str, Any]:
+                return {"feedback": {"value": 0, **feedback}, "sessionId": "s"}
+
+            async def allowed(who: str, method: str, payload: object) -> bool:
+                return await feedback_allowed(layer, who, method, payload)
+
+            assert await layer.step_chat(adas_answer) == (adas_chat, "ada")
+            assert await layer.feedback_step(adas_rating) == adas_answer
+            # ada rates her own answer, changes her rating, takes it back
+            assert await allowed("ada", "PUT", put(forId=adas_answer, threadId=adas_chat))
+            assert await allowed("ada", "PUT", put(forId=adas_answer, id=adas_rating))
+            assert await allowed("ada", "PUT", put(forId=adas_answer, id=str(uuid.uuid4())))
+            assert await allowed("ada", "DELETE", {"feedbackId": adas_rating})
+            # bob cannot rate her answer, overwrite or move her rating, or delete it
+            refused = [
+                ("PUT", put(forId=adas_answer)),
+                ("PUT", put(forId=adas_answer, threadId=bobs_chat)),
+                ("PUT", put(forId=bobs_answer, id=adas_rating)),  # her rating, moved onto his answer
+                ("PUT", put(forId=bobs_answer, threadId=adas_chat)),
+                ("DELETE", {"feedbackId": adas_rating}),
+            ]
+            for method, payload in refused:
+                assert not await allowed("bob", method, payload), (method, payload)
+            assert await allowed("bob", "PUT", put(forId=bobs_answer, threadId=bobs_chat))
+            # unknown or malformed ids, bodies that are not ratings: refused, and no SQL error logged
+            for method, payload in [
+                ("PUT", put(forId=str(uuid.uuid4()))), ("PUT", put(forId="x'; --")), ("PUT", put(forId=None)),
+                ("PUT", put(forId=adas_answer, id="not-a-uuid")), ("PUT", {"feedback": "x"}), ("PUT", []),
+                ("DELETE", {"feedbackId": str(uuid.uuid4())}), ("DELETE", {"feedbackId": 7}), ("DELETE", None),
+            ]:  # fmt: skip
+                assert not await allowed("ada", method, payload), (method, payload)
+            assert sql_errors() == []
+        finally:
+            await layer.close()
+
+    asyncio.run(scenario())
 
 
 def test_a_chat_survives_a_restart(cl: SimpleNamespace, backend: Settings, sql_errors: Any) -> None:
