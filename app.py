@@ -192,8 +192,7 @@ class AccessGuard:
 
     async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
         if scope["type"] in ("http", "websocket") and SIGN_IN != "anonymous":
-            root, path = scope.get("root_path", ""), scope["path"]
-            path = path[len(root):] if root and path.startswith(root) else path  # fmt: skip
+            path = access.route_path(scope["path"], scope.get("root_path", ""), os.environ.get("CHAINLIT_ROOT_PATH", ""))
             need = access.route_needs(scope.get("method", "GET"), path)
             if need is not None:
                 user = _session_user(scope)

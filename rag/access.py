@@ -155,6 +155,23 @@ def role_of(metadata: Mapping[str, object] | str | None) -> str:
 _ACCOUNT_ROUTES = ("/user", "/project/", "/feedback", "/mcp", "/ws/", "/set-session-cookie")
 
 
+def route_path(path: str, *prefixes: str) -> str:
+    """A request's path as Chainlit's routes name it: without the prefixes the app is served
+    under, in order (the ASGI ``root_path`` a server or proxy sets, then Chainlit's own
+    ``--root-path`` / ``CHAINLIT_ROOT_PATH``, which prefixes every route it has).
+
+    >>> route_path("/kb/project/file", "", "/kb"), route_path("/kb/project/file", "/kb/"), route_path("/kbx/user", "/kb")
+    ('/project/file', '/project/file', '/kbx/user')
+    >>> route_path("/proxy/kb/feedback", "/proxy", "/kb"), route_path("/kb", "/kb"), route_path("/user", "/", "")
+    ('/feedback', '/', '/user')
+    """
+    for prefix in prefixes:
+        prefix = prefix.rstrip("/")
+        if prefix and (path == prefix or path.startswith(prefix + "/")):
+            path = path[len(prefix):] or "/"
+    return path
+
+
 def route_needs(method: str, path: str) -> str | None:
     """What a request to Chainlit's server needs on top of Chainlit's own checks: ``"upload"``
     (an admin) to put a file into a chat (``POST /project/file``), ``"feedback"`` (an account,

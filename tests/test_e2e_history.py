@@ -300,6 +300,39 @@ def test_one_user_cannot_rate_or_unrate_anothers_answers(app: AppProcess, db: Da
     assert db.rows(f'SELECT id FROM feedbacks WHERE "forId" = \'{answer}\'') == []
 
 
+def test_under_a_root_path_the_same_checks_hold(tmp_path_factory: pytest.TempPathFactory, endpoint: Endpoint) -> None:
+    """``chainlit run --root-path /kb`` (or CHAINLIT_ROOT_PATH, as behind a reverse proxy that
+    serves the app under /kb) puts every route under the prefix: the guard must see through it."""
+    env = {"RAG_BASE_URL": endpoint.url, "RAG_MODEL": MODEL, "RAG_AUTH": "password", "CHAINLIT_ROOT_PATH": "/kb"}
+    process = AppProcess(tmp_path_factory.mktemp("root-path"), env, seed_corpus=False)
+    users = UserStore(process.data / "users.json")
+    users.add("ada", PASSWORDS["ada"], role="admin")
+    users.add("bob", PASSWORDS["bob"], role="reader")
+    process.start(START_TIMEOUT)
+    try:
+        clients = {}
+        for user in ("ada", "bob"):
+            response = httpx.post(f"{process.url}/kb/login", data={"username": user, "password": PASSWORDS[user]},
+                                  timeout=60)  # fmt: skip
+            assert response.status_code == 200, response.text
+            clients[user] = httpx.Client(base_url=f"{process.url}/kb", cookies=response.cookies, timeout=30)
+        bob, ada = clients["bob"], clients["ada"]
+        assert bob.get("/user").json()["metadata"]["role"] == "reader"
+        some = str(uuid.uuid4())
+        upload = {"files": {"file": ("notes.md", b"# Notes\n\nA reader's notes.\n", "text/markdown")}}
+        refused = bob.post(f"/project/file?session_id={some}", **upload)
+        assert (refused.status_code, refused.json()) == (403, {"detail": "only admins can add documents"})
+        assert ada.post(f"/project/file?session_id={some}", **upload).status_code != 403
+        rating = {"feedback": {"forId": some, "value": 1}, "sessionId": some}  # no such answer, nobody's
+        assert bob.put("/feedback", json=rating).status_code == 404
+        users.remove("bob")
+        assert bob.get("/user").status_code == 401
+        assert not (process.corpus / "notes.md").exists()
+    finally:
+        process.stop()
+    assert not unexpected_tracebacks(process.output()), process.output()
+
+
 class OnEveryAddress(AppProcess):
     def command(self) -> list[str]:
         return [*super().command()[:-4], "--host", "0.0.0.0", "--port", str(self.port)]
