@@ -7,13 +7,14 @@ resort anywhere (a base64 blob, a long URL). Consecutive chunks of a section sha
 ``overlap_tokens`` of trailing text, whole sentences when they fit.
 
 What each chunk embeds is ``embedding_text``: a one-line context prefix (title and heading
-path) and the chunk's text. The bound, with ``limit = window`` if a window is given, else
+path), the header row of a table it starts inside, and the chunk's text. The bound, with ``limit = window`` if a window is given, else
 ``max_tokens``::
 
     count_tokens(embedding_text(chunk)) <= limit            for every chunk
 
 More exactly, with ``p = count_tokens(prefix) - count_tokens("")`` (the prefix's tokens
-without special tokens), ``count_tokens(embedding_text(chunk)) <= p + min(max_tokens, limit - p)``:
+without special tokens; the prefix is everything before the chunk's text: the context line and
+a ``table_header`` row with its line break), ``count_tokens(embedding_text(chunk)) <= p + min(max_tokens, limit - p)``:
 the text gets ``max_tokens`` where the window leaves room for the prefix, and less where it
 does not (with no prefix, ``count_tokens(chunk.text) <= min(max_tokens, limit)``). A prefix
 may take the text's room down to ``min(max_tokens, limit // 2)`` tokens; a longer one loses
@@ -31,8 +32,10 @@ Trade-offs:
   the tokenizer reads a huge run as one unknown token, so no chunk can swamp a prompt.
 - Sentence splitting is a regex (., !, ? before a capital, digit or line break; CJK 。！？)
   with a short abbreviation list, not a language model: a rare cut lands mid-sentence.
-- A table too big for one chunk is cut between rows and its header is not repeated, so
-  every chunk stays a plain slice of the document.
+- A table too big for one chunk is cut between rows. Every chunk stays a plain slice of the
+  document; a chunk that starts below the header row carries that row in ``table_header``,
+  embedded before its text (and shown to the model with it) when the window has room for it,
+  so rows keep their column names ("| Neptune | Ice giant | 30.1 | …" alone says little).
 """
 
 from __future__ import annotations
@@ -99,14 +102,70 @@ def context_prefix(title: str, headings: Iterable[str]) -> str:
 
 
 def embedding_text(chunk: Chunk) -> str:
-    """The text the model embeds for ``chunk``: its context prefix, then its text.
+    """The text the model embeds for ``chunk``: its context prefix, the header row of the table
+    it starts inside (if any), then its text.
 
     >>> c = Chunk(id="x", source="c.md", text="Turn it weekly.", start=0, end=15,
     ...           headings=("Turning the pile",), title="Composting guide")
     >>> embedding_text(c)
     'Composting guide > Turning the pile\\nTurn it weekly.'
     """
-    return context_prefix(chunk.title, chunk.headings) + chunk.text
+    return context_prefix(chunk.title, chunk.headings) + with_table_header(chunk.table_header, chunk.text)
+
+
+def with_table_header(header: str, text: str) -> str:
+    """``text`` with a table's header row before it, on a line of its own (``text`` when there
+    is none).
+
+    >>> with_table_header("| Planet | Moons |", "| Mars | 2 |")
+    '| Planet | Moons |\\n| Mars | 2 |'
+    """
+    return f"{header}\n{text}" if header else text
+
+
+def is_table_row(line: str) -> bool:
+    """Whether a line is a row of a Markdown (pipe) table.
+
+    >>> is_table_row("  | a | b |"), is_table_row("a | b"), is_table_row("")
+    (True, False, False)
+    """
+    return line.lstrip().startswith("|")
+
+
+def table_start(text: str, pos: int) -> int:
+    """Where the table whose row holds ``pos`` starts in ``text`` (its first line, or the start
+    of ``text`` when the rows run up to it); -1 when ``pos`` is on no table row.
+
+    >>> t = "Intro.\\n| a | b |\\n| 1 | 2 |"
+    >>> table_start(t, t.index("| 1")), table_start(t, 2)
+    (7, -1)
+    """
+    line_start = text.rfind("\n", 0, pos) + 1
+    line_end = text.find("\n", pos)
+    if not is_table_row(text[line_start : line_end if line_end >= 0 else len(text)]):
+        return -1
+    first = line_start
+    while first > 0:
+        previous = text.rfind("\n", 0, first - 1) + 1
+        if not is_table_row(text[previous : first - 1]):
+            break
+        first = previous
+    return first
+
+
+def table_header_at(text: str, pos: int) -> str:
+    """The header row (whitespace as it is) of the table whose row starts at ``pos``, when the
+    table starts before ``pos``; empty when ``pos`` starts no table row or starts the header.
+
+    >>> t = "Intro.\\n\\n| Planet | Moons |\\n|---|---|\\n| Mars | 2 |\\n| Earth | 1 |"
+    >>> table_header_at(t, t.index("| Earth")), table_header_at(t, t.index("| Planet")), table_header_at(t, 0)
+    ('| Planet | Moons |', '', '')
+    """
+    first = table_start(text, pos)
+    if first < 0 or first == text.rfind("\n", 0, pos) + 1:
+        return ""
+    end = text.find("\n", first)
+    return text[first : end if end >= 0 else len(text)].strip()
 
 
 def split_documents(
@@ -166,6 +225,13 @@ def split_document(
         spans = splitter.verified(start, end, text_room - overhead, prefix, prefix_cost + text_room)
         for s, e in _drop_contained(spans):
             text = doc.text[s:e]
+            # Rows cut from their table's header keep it, where the window has room for it.
+            header = table_header_at(doc.text, s)
+            if header:
+                head = prefix + with_table_header(header, "")
+                cost = count_tokens(head) - overhead
+                if count_tokens(head + text) > cost + min(max_tokens, limit - cost):
+                    header = ""
             chunks.append(
                 Chunk(
                     id=chunk_id(doc.source, doc.page, s, text),
@@ -176,6 +242,7 @@ def split_document(
                     page=doc.page,
                     headings=kept,
                     title=title,
+                    table_header=header,
                 )
             )
     return chunks

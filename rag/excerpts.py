@@ -14,6 +14,11 @@ against the question and keeps the best ones until ``budget`` tokens are spent:
   two cores before every first token (bench/chat_latency, docs/benchmarks.md);
 - each kept sentence brings the sentence after it when that fits too (an answer often follows
   the sentence that names the subject: "He was born in 1809. His father was …");
+- a table row brings its table's header row (from the passage, or the ``table_header`` of a
+  passage that starts below it), counted in the budget, and rows stay on lines of their own:
+  "| Neptune | Ice giant | 30.1 | 165 years | 49,528 |" alone does not say what 30.1 is;
+- a sentence is sent once: neighbouring chunks of a document overlap, and the best-ranked
+  passage that holds it keeps it;
 - the passages keep their retrieval order and their sentences their order in the passage;
   gaps are marked with "…"; a passage with nothing kept is not sent at all.
 
@@ -25,12 +30,13 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import re
 from collections import Counter
 from collections.abc import Callable, Sequence
 
 import numpy as np
 
-from rag.chunking import sentence_spans
+from rag.chunking import sentence_spans, table_start
 from rag.keyword import tokenize
 from rag.prompting import TokenCounter
 from rag.types import Hit
@@ -40,6 +46,7 @@ QUESTION_WORDS = frozenset("when what who how which where whi whom whose did do 
 DEFAULT_BUDGET = 260  # tokens of passage text sent to the model
 DEFAULT_WORD_WEIGHT = 0.5
 GAP = " … "
+_RULE = re.compile(r"[|:\-\s]+")  # a table's |---|:--:| line
 
 Embed = Callable[[Sequence[str]], np.ndarray]
 """Unit vectors for texts (``Embedder.embed``)."""
@@ -51,10 +58,11 @@ class Sentence:
     order: int  # position in its passage
     text: str
     score: float = 0.0
+    table: int = -1  # a table row: where its table starts in the passage (-1: not a row)
 
 
 def passage_sentences(hits: Sequence[Hit]) -> list[Sentence]:
-    """Every sentence of every passage, in order.
+    """Every sentence of every passage, in order; a table row is one, whitespace collapsed.
 
     >>> from rag.types import Chunk
     >>> [s.text for s in passage_sentences([Hit(Chunk("c", "a.md", "One. Two!", 0, 9), 1.0, 1)])]
@@ -64,8 +72,26 @@ def passage_sentences(hits: Sequence[Hit]) -> list[Sentence]:
     for index, hit in enumerate(hits):
         text = hit.chunk.text
         for order, (start, end) in enumerate(sentence_spans(text)):
-            out.append(Sentence(index, order, " ".join(text[start:end].split())))
+            out.append(Sentence(index, order, " ".join(text[start:end].split()), table=table_start(text, start)))
     return out
+
+
+def _row_headers(hits: Sequence[Hit], sentences: Sequence[Sentence]) -> dict[tuple[int, int], tuple[int, int] | str]:
+    """For each table row below its table's header: the header, as the key of the sentence that
+    is the header row, or as the passage's ``table_header`` text when the rows run up to the
+    start of the passage and the header stayed in an earlier one."""
+    first_of: dict[tuple[int, int], int] = {}  # (hit, table start) -> order of its first row
+    headers: dict[tuple[int, int], tuple[int, int] | str] = {}
+    for s in sentences:
+        if s.table < 0:
+            continue
+        first = first_of.setdefault((s.hit, s.table), s.order)
+        outside = " ".join(hits[s.hit].chunk.table_header.split()) if s.table == 0 else ""
+        if outside:
+            headers[(s.hit, s.order)] = outside
+        elif first != s.order:
+            headers[(s.hit, s.order)] = (s.hit, first)
+    return headers
 
 
 def word_scores(question: str, sentences: Sequence[str]) -> list[float]:
@@ -112,17 +138,32 @@ def select_excerpts(
         vectors = embed([question, *texts])
         meaning = vectors[1:] @ vectors[0]
     scored = [dataclasses.replace(s, score=float(m) + word_weight * w) for s, m, w in zip(sentences, meaning, words)]
-    kept: set[tuple[int, int]] = set()
-    spent = 0
     by_key = {(s.hit, s.order): s for s in scored}
+    headers = _row_headers(hits, scored)
+    # A header row comes with its rows, never alone; a |---|---| line carries nothing.
+    passed_over = {h for h in headers.values() if isinstance(h, tuple)}
+    passed_over |= {k for k, s in by_key.items() if s.table >= 0 and _RULE.fullmatch(s.text)}
+    kept: set[tuple[int, int]] = set()
+    said: set[tuple[str, str]] = set()  # (source, sentence) sent once: neighbouring chunks overlap
+    outside: dict[int, str] = {}  # hit -> the table header its excerpt starts with
+    spent = 0
     for sentence in sorted(scored, key=lambda s: -s.score):
         for key in ((sentence.hit, sentence.order), (sentence.hit, sentence.order + 1)):
-            if key in kept or key not in by_key:
+            if key in kept or key not in by_key or key in passed_over:
                 continue
-            cost = count(by_key[key].text) + 1
+            if (hits[key[0]].chunk.source, by_key[key].text) in said:
+                continue
+            # A table row brings its header row, so its cells keep their column names.
+            header = headers.get(key)
+            needs = [header] if isinstance(header, tuple) and header not in kept else []
+            extra = header if isinstance(header, str) and key[0] not in outside else ""
+            cost = sum(count(by_key[k].text) + 1 for k in [*needs, key]) + (count(extra) + 1 if extra else 0)
             if spent + cost > budget:
                 break
-            kept.add(key)
+            kept.update([*needs, key])
+            said.add((hits[key[0]].chunk.source, by_key[key].text))
+            if extra:
+                outside[key[0]] = extra
             spent += cost
         if spent >= budget:
             break
@@ -131,13 +172,30 @@ def select_excerpts(
         orders = sorted(order for h, order in kept if h == index)
         if not orders:
             continue
-        parts, previous = [], None
+        excerpt, previous = "", None
+        if index in outside:  # the header row of the table the passage starts inside
+            excerpt, previous = outside[index], Sentence(index, -1, outside[index], table=0)
+        elif orders[0] > 0:
+            excerpt = "…\n" if by_key[(index, orders[0])].table >= 0 else "… "
         for order in orders:
-            if previous is not None and order != previous + 1:
-                parts.append(GAP.strip())
-            parts.append(by_key[(index, order)].text)
-            previous = order
+            sentence = by_key[(index, order)]
+            excerpt += _separator(previous, sentence) + sentence.text
+            previous = sentence
         last = max(s.order for s in scored if s.hit == index)
-        excerpt = ("… " if orders[0] > 0 else "") + " ".join(parts) + (" …" if orders[-1] < last else "")
-        out.append(dataclasses.replace(hit, excerpt=excerpt))
+        if orders[-1] < last:
+            excerpt += "\n…" if by_key[(index, orders[-1])].table >= 0 else " …"
+        out.append(dataclasses.replace(hit, excerpt=excerpt.strip()))
     return [dataclasses.replace(h, rank=i) for i, h in enumerate(out, start=1)]
+
+
+def _separator(previous: Sentence | None, sentence: Sentence) -> str:
+    """What goes between two kept sentences of a passage: a space, or a line break around a
+    table row; "…" where sentences were left out between them (not between the rows of one
+    table: its header row, then the rows asked about, reads as a table)."""
+    if previous is None:
+        return ""
+    same_table = sentence.table >= 0 and sentence.table == previous.table
+    rows = sentence.table >= 0 or previous.table >= 0
+    if same_table or sentence.order == previous.order + 1:
+        return "\n" if rows else " "
+    return "\n…\n" if rows else GAP

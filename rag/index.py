@@ -307,6 +307,7 @@ def _chunk_to_json(key: int, chunk: Chunk) -> str:
             "end": chunk.end,
             "headings": list(chunk.headings),
             "title": chunk.title,
+            "table_header": chunk.table_header,
             "text": chunk.text,
         },
         ensure_ascii=False,
@@ -324,6 +325,7 @@ def _chunk_from_json(line: str) -> tuple[int, Chunk]:
         page=raw["page"],
         headings=tuple(raw["headings"]),
         title=raw["title"],
+        table_header=raw.get("table_header", ""),
     )
     return int(raw["key"]), chunk
 

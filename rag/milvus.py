@@ -801,7 +801,8 @@ class MilvusUpdate:
                 "text_hash": text_hash(text).hex(),
                 "text": chunk.text,
                 "meta": {"id": chunk.id, "page": chunk.page, "start": chunk.start, "end": chunk.end,
-                         "headings": list(chunk.headings), "title": chunk.title},
+                         "headings": list(chunk.headings), "title": chunk.title,
+                         "table_header": chunk.table_header},
                 "terms": _terms(text),
                 "vector": np.asarray(vector, dtype=np.float32).tolist(),
             }
@@ -931,6 +932,7 @@ def _chunk(row: dict) -> Chunk:
     return Chunk(
         id=meta["id"], source=row["source"], text=row["text"], start=int(meta["start"]), end=int(meta["end"]),
         page=meta["page"], headings=tuple(meta["headings"]), title=meta["title"],
+        table_header=meta.get("table_header", ""),
     )
 
 

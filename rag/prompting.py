@@ -21,6 +21,7 @@ import re
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING
 
+from rag.chunking import with_table_header
 from rag.errors import ConfigError, ContextLengthError
 from rag.types import Hit, Message
 
@@ -85,7 +86,7 @@ def format_passage(number: int, hit: Hit) -> str:
         where.append(f"page {chunk.page}")
     if chunk.headings:
         where.append("section " + " > ".join(chunk.headings))
-    text = hit.excerpt if hit.excerpt is not None else chunk.text
+    text = hit.excerpt if hit.excerpt is not None else with_table_header(chunk.table_header, chunk.text)
     return f"Document {number} ({', '.join(where)}):\n{text.strip()}"
 
 

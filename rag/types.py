@@ -33,6 +33,8 @@ class Chunk:
 
     ``text`` is exactly ``document.text[start:end]``; ``headings`` is the heading path in
     force at ``start``. ``id`` is stable: derived from source, page, position and content.
+    ``table_header``: when the chunk starts inside a Markdown table, below its header row, that
+    row (the column names its rows would otherwise lose); empty otherwise.
     """
 
     id: str
@@ -43,6 +45,7 @@ class Chunk:
     page: int | None = None
     headings: tuple[str, ...] = ()
     title: str = ""
+    table_header: str = ""
 
 
 @dataclass(frozen=True)

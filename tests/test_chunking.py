@@ -19,6 +19,7 @@ from rag.chunking import (
     embedding_text,
     split_document,
     split_documents,
+    with_table_header,
 )
 from rag.types import Chunk, Document
 from tests.fakes import FakeEmbedder
@@ -71,7 +72,7 @@ def assert_invariants(
         tokens = count(embedding_text(c))
         assert tokens <= limit, c
         if max_tokens is not None:  # the exact bound from the module docstring
-            prefix = context_prefix(c.title, c.headings)
+            prefix = context_prefix(c.title, c.headings) + with_table_header(c.table_header, "")
             p = count(prefix) - count("") if prefix else 0
             assert tokens <= p + min(max_tokens, limit - p), c
         assert c.id == chunk_id(doc.source, doc.page, c.start, c.text)
@@ -153,6 +154,24 @@ def test_table_is_cut_between_rows() -> None:
         for line in c.text.splitlines():
             assert line == "Sizes:" or line in rows, line
     assert_invariants(doc, chunks, limit=24)
+
+
+def test_rows_cut_from_their_table_keep_its_header_row() -> None:
+    header = "| name | colour | size |"
+    rows = [header, "| --- | --- | --- |"] + [f"| item{i} | red | {i} |" for i in range(12)]
+    doc = Document("t.md", "Sizes.\n\n" + "\n".join(rows) + "\n\nAfter the table.", title="T")
+    chunks = split(doc, max_tokens=20, window=40)  # the window leaves room beside the text, as the app's does
+    inside = [c for c in chunks if c.text.startswith("| item")]
+    assert len(inside) >= 2 and all(c.table_header == header for c in inside)
+    assert all(c.table_header == "" for c in chunks if not c.text.startswith("| item"))  # the header's own, prose
+    assert embedding_text(inside[-1]) == f"T\n{header}\n{inside[-1].text}"
+    assert_invariants(doc, chunks, limit=40, max_tokens=20)
+    # Where the window leaves no room for the header, the chunk goes without it (the bound holds)
+    wide = "| " + " | ".join(f"column{i}" for i in range(12)) + " |"
+    doc = Document("w.md", "\n".join([wide] + [f"| {i} | x |" for i in range(30)]))
+    chunks = split(doc, max_tokens=14, window=16)
+    assert len(chunks) > 2 and all(c.table_header == "" for c in chunks)
+    assert_invariants(doc, chunks, limit=16, max_tokens=14)
 
 
 def test_giant_word_is_cut_so_the_bound_holds() -> None:

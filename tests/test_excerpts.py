@@ -59,3 +59,49 @@ def test_rare_question_words_count_most() -> None:
     scores = word_scores("Who invented the zorblax engine?", ["The zorblax was invented in 1901.",
                                                              "An engine was invented.", "Engines engine engine."])  # fmt: skip
     assert scores[0] > scores[1] > 0 and scores[2] < scores[0]
+
+
+PLANETS = "## The planets\n\n| Planet | Type | Orbital period |\n|--------|------|----------------|\n" + "\n".join(
+    f"| {name} | {kind} | {period} |" for name, kind, period in [
+        ("Mercury", "Rocky", "88 days"), ("Venus", "Rocky", "225 days"), ("Earth", "Rocky", "365.25 days"),
+        ("Mars", "Rocky", "687 days"), ("Jupiter", "Gas giant", "11.9 years"), ("Saturn", "Gas giant", "29.4 years"),
+    ]) + "\n\nEvery orbit is an ellipse. Distances are averages."  # fmt: skip
+
+
+def test_a_table_row_comes_with_its_header_row_on_lines_of_their_own() -> None:
+    # 9 words (with the separator) for the header row, 9 for Mars's row, 10 for the next one
+    kept = select_excerpts("What is the orbital period of Mars?", [hit(1, PLANETS, "planets.md")], count=words,
+                           budget=28)  # fmt: skip
+    assert kept[0].excerpt == "…\n| Planet | Type | Orbital period |\n| Mars | Rocky | 687 days |\n| Jupiter | Gas giant | 11.9 years |\n…"
+    # the header counts against the budget: with room for it and one row, the next row stays out
+    kept = select_excerpts("What is the orbital period of Mars?", [hit(1, PLANETS, "planets.md")], count=words,
+                           budget=18)  # fmt: skip
+    assert kept[0].excerpt == "…\n| Planet | Type | Orbital period |\n| Mars | Rocky | 687 days |\n…"
+
+
+def test_rows_of_a_passage_that_starts_below_the_header_get_the_passages_table_header() -> None:
+    rows = PLANETS[PLANETS.index("| Earth"):]
+    below = Hit(Chunk("c2", "planets.md", rows, 0, len(rows), table_header="| Planet  | Type | Orbital period |"),
+                0.5, 1)  # fmt: skip
+    kept = select_excerpts("How long is a year on Saturn?", [below], count=words, budget=20)
+    assert kept[0].excerpt == "| Planet | Type | Orbital period |\n| Saturn | Gas giant | 29.4 years |\n…"
+    # sent whole, the passage is shown with the header row above its rows
+    whole = select_excerpts("Saturn", [below], count=words, budget=500)[0]
+    assert format_passage(1, whole) == f"Document 1 (planets.md):\n| Planet  | Type | Orbital period |\n{rows}"
+
+
+def test_a_header_row_or_a_rule_line_is_never_sent_alone() -> None:
+    # The header row matches best, but the budget has no room for it with a row: prose instead
+    kept = select_excerpts("Which type and orbital period?", [hit(1, PLANETS, "planets.md")], count=words, budget=12)
+    assert kept[0].excerpt == "… Every orbit is an ellipse. Distances are averages."
+
+
+def test_a_sentence_two_overlapping_passages_share_is_sent_once() -> None:
+    first = hit(1, "Lincoln was born in Kentucky. His family moved to Indiana in 1816.")
+    second = hit(2, "His family moved to Indiana in 1816. He grew up on the frontier there.")  # the overlap
+    other_file = hit(3, "His family moved to Indiana in 1816.", "b.txt")  # another document may say it too
+    kept = select_excerpts("When did his family move to Indiana?", [first, second, other_file], count=words,
+                           budget=24)  # fmt: skip
+    sent = "\n".join(h.excerpt or "" for h in kept)
+    assert sent.count("His family moved to Indiana in 1816.") == 2
+    assert [h.chunk.id for h in kept][:2] == ["c1", "c2"] and "moved" not in (kept[1].excerpt or "")

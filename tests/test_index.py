@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -40,6 +41,10 @@ def test_commit_and_load_round_trip(tmp_path: Path) -> None:
     snapshot = Snapshot(params=PARAMS)
     chunks = add_file(snapshot, "a.md", ["apples are red", "bananas are yellow"])
     add_file(snapshot, "b.md", ["the sky is blue"])
+    rows = replace(make_chunks("t.md", ["| Mars | 687 days |"])[0], headings=("Planets",), title="Facts",
+                   table_header="| Planet | Orbital period |")  # fmt: skip
+    snapshot.put_file(FileRecord("t.md", "sha-t", 1, 1, (rows.id,)), [rows], FakeEmbedder().embed([rows.text]),
+                      [rows.text])  # fmt: skip
     store.commit(snapshot)
 
     loaded = store.load(expected=PARAMS)
@@ -47,6 +52,7 @@ def test_commit_and_load_round_trip(tmp_path: Path) -> None:
     assert loaded.files == snapshot.files
     assert loaded.chunks == snapshot.chunks
     assert loaded.chunks_of("a.md") == chunks
+    assert loaded.chunks_of("t.md") == [rows]  # every field of a chunk, its table header included
     key = chunk_key(chunks[1].id)
     np.testing.assert_allclose(loaded.vector(key), snapshot.vector(key))
     assert loaded.keyword.search("bananas", 5)[0][0] == key

@@ -176,7 +176,9 @@ def test_a_writer_killed_at_any_moment_leaves_a_whole_generation_and_the_next_re
 
 
 def test_moving_an_embedded_index_to_milvus_embeds_nothing_again(remote: Settings) -> None:
-    make_corpus(remote.corpus_dir, 12)
+    make_corpus(remote.corpus_dir, 11)
+    rows = "\n".join(f"| item {i} | {i * 7} grams | keep it dry |" for i in range(120))
+    (remote.corpus_dir / "table.md").write_text(f"# Weights\n\n| Item | Weight | Note |\n|---|---|---|\n{rows}\n")
     embedded = remote.replace(vector_store="embedded")
     sync_index(embedded, FakeEmbedder())
     embedder = FakeEmbedder()
@@ -184,5 +186,7 @@ def test_moving_an_embedded_index_to_milvus_embeds_nothing_again(remote: Setting
     assert len(report.added) == 12 and report.chunks_embedded == 0 and embedder.embedded == []
     here, there = open_store(embedded).load(), open_store(remote).load()
     assert {s: r.chunk_ids for s, r in here.files.items()} == {s: r.chunk_ids for s, r in there.files.items()}
+    assert there.chunks_of("table.md") == here.chunks_of("table.md")  # every field, the table header included
+    assert any(c.table_header == "| Item | Weight | Note |" for c in there.chunks_of("table.md"))
     key = next(iter(here.chunks))
     assert np.allclose(here.vector(key), there.vector(key))
