@@ -24,10 +24,12 @@ ARTIFACTS = ROOT / "test-artifacts" / "answers"
 
 pytestmark = [pytest.mark.slow]
 
-# From docs/sample-corpus.md ("Facts to test citations with"): a Markdown table, a PDF page, a text file.
+# From docs/sample-corpus.md ("Facts to test citations with"): Markdown prose and a row of its table
+# (whose chunk starts below the header row), a PDF page, a text file.
 QUESTIONS = [
     ("How long does light from the Sun take to reach Earth?", ["8 minutes and 20 seconds", "8 minutes"],
      "solar-system-fact-sheet.md"),
+    ("How long does Jupiter take to orbit the Sun?", ["11.9 years"], "solar-system-fact-sheet.md"),
     ("How often should a compost pile be turned?", ["every 2 to 3 weeks", "2 to 3 weeks"],
      "home-composting-field-guide.pdf"),
     ("What does the Fourth Amendment protect against?", ["unreasonable searches and seizures"],
@@ -50,7 +52,7 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServeProcess]:
         shutil.copy(process.log_path, ARTIFACTS / "serve.log")
 
 
-@pytest.mark.parametrize(("question", "answers", "source"), QUESTIONS, ids=[q[2] for q in QUESTIONS])
+@pytest.mark.parametrize(("question", "answers", "source"), QUESTIONS, ids=[f"{q[2]}-{i}" for i, q in enumerate(QUESTIONS)])
 def test_the_default_model_answers_and_cites_the_right_file(
     server: ServeProcess, question: str, answers: list[str], source: str
 ) -> None:
@@ -65,4 +67,6 @@ def test_the_default_model_answers_and_cites_the_right_file(
     assert is_correct(answer, answers), text
     assert source in cited, (text, cited)
     ARTIFACTS.mkdir(parents=True, exist_ok=True)
-    (ARTIFACTS / f"{source}.txt").write_text(f"Q: {question}\n\n{text}\n", encoding="utf-8")
+    (ARTIFACTS / f"{source}-{QUESTIONS.index((question, answers, source))}.txt").write_text(
+        f"Q: {question}\n\n{text}\n", encoding="utf-8"
+    )
