@@ -9,12 +9,14 @@ reach the page (``escape_markdown``, ``code_span``), and Chainlit's ``unsafe_all
 
 from __future__ import annotations
 
+import itertools
 import re
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
 
+from rag.chunking import is_table_row
 from rag.errors import (
     ContextLengthError,
     EndpointError,
@@ -134,10 +136,58 @@ def passage_table(hits: Sequence[Hit], *, min_relevance: float | None = None) ->
 
 
 def passage_markdown(hit: Hit) -> str:
-    """The exact passage with its origin, for a side panel: the text escaped, paragraphs kept."""
-    paragraphs = [escape_markdown(" ".join(p.split())) for p in re.split(r"\n\s*\n", hit.chunk.text.strip())]
-    body = "\n\n".join(p for p in paragraphs if p)
+    """The exact passage with its origin, for a side panel: the text escaped, paragraphs kept,
+    and the rows of a Markdown table shown as a table (under the header row the passage
+    starts below, when it does: ``Chunk.table_header``)."""
+    blocks = []
+    for number, paragraph in enumerate(re.split(r"\n\s*\n", hit.chunk.text.strip())):
+        lines = paragraph.splitlines()
+        for i, (is_row, run) in enumerate(itertools.groupby(lines, key=is_table_row)):
+            run = list(run)
+            if is_row:
+                above = hit.chunk.table_header if number == 0 and i == 0 else ""
+                blocks.append(markdown_table(run, header=above))
+            elif text := " ".join(" ".join(run).split()):
+                blocks.append(escape_markdown(text))
+    body = "\n\n".join(blocks)
     return f"**{escape_markdown(where(hit))}** · similarity {hit.similarity:.2f}\n\n{body}"
+
+
+_RULE_CELL = re.compile(r":?-+:?")
+
+
+def markdown_table(rows: Sequence[str], *, header: str = "") -> str:
+    """Pipe-table ``rows`` as a Markdown table whose cells show as text (escaped). ``header``, or
+    else the first row when a ``|---|`` rule follows it, heads the table; without either the
+    header is left blank rather than showing a data row as one.
+
+    >>> print(markdown_table(["| Planet | Moons |", "|---|---|", "| Mars | *2* |"]))
+    | Planet | Moons |
+    | --- | --- |
+    | Mars | \\*2\\* |
+    >>> print(markdown_table(["| Mars | 2 |"]))
+    |  |  |
+    | --- | --- |
+    | Mars | 2 |
+    """
+
+    def cells(row: str) -> list[str]:
+        return [" ".join(c.split()) for c in re.split(r"(?<!\\)\|", row.strip().strip("|"))]
+
+    def is_rule(row: list[str]) -> bool:
+        return all(_RULE_CELL.fullmatch(c) for c in row)
+
+    table = [cells(row) for row in rows]
+    head = cells(header) if header else []
+    if not head and len(table) > 1 and is_rule(table[1]):
+        head, table = table[0], table[1:]
+    body = [row for row in table if not is_rule(row)]
+    width = max(len(row) for row in [head, *body])
+
+    def line(row: list[str]) -> str:
+        return "| " + " | ".join(escape_markdown(c) for c in row + [""] * (width - len(row))) + " |"
+
+    return "\n".join([line(head), "| " + " | ".join(["---"] * width) + " |", *map(line, body)])
 
 
 _LABEL_UNSAFE = re.compile(r"[^\w .,()+-]")

@@ -316,6 +316,18 @@ def test_seeded_question_streams_a_cited_answer_and_citation_opens_the_passage(
     assert "Document 1 (solar-system-fact-sheet.md" in request["messages"][-1]["content"]
 
 
+def test_a_cited_table_passage_shows_as_a_table_under_its_header(chat: Chat) -> None:
+    reply = chat.ask("How long does Jupiter take to orbit the Sun?")
+    assert "From solar-system-fact-sheet.md" in reply.inner_text()
+    reply.locator("a", has_text="[1]").first.click()
+    side = chat.page.locator("#side-view-content")
+    side.locator("table td", has_text="11.9 years").first.wait_for()
+    # the passage starts below the table's header row, which is shown above its rows
+    assert side.locator("table th", has_text="Orbital period").count() == 1
+    assert side.locator("table th", has_text="Jupiter").count() == 0
+    chat.shot("table-passage")
+
+
 def test_pdf_citation_opens_the_pdf_at_its_page(chat: Chat) -> None:
     reply = chat.ask("What should I do when the compost pile smells of ammonia?")
     text = reply.inner_text()

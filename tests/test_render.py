@@ -84,6 +84,24 @@ def test_passage_display_is_text(text: str) -> None:
     assert "&lt;b&gt;x&lt;/b&gt;.md, page 2" in html
 
 
+def test_a_passages_table_rows_show_as_a_table_of_text() -> None:
+    gfm = MarkdownIt("commonmark", {"html": True}).enable("table")
+    text = ("The planets:\n| Planet | Moons |\n|--------|:-----:|\n| Mars | 2 |\n"
+            "| <script>x</script> | [a](javascript:alert(1)) *b* |\n\nAfter the table.")  # fmt: skip
+    html = gfm.render(passage_markdown(hit(1, text)))
+    assert "<th>Planet</th>" in html and "<td>Mars</td>" in html and html.count("<tr>") == 3
+    assert "<script>" not in html and "<a " not in html and "<em>" not in html and "&lt;script&gt;" in html
+    assert "<p>The planets:</p>" in html and "<p>After the table.</p>" in html and "---" not in html
+    # a passage that starts below its table's header row shows that row as the header
+    rows = "| Earth | 1 |\n| Mars | 2 |"
+    below = Hit(Chunk("c", "p.md", rows, 0, len(rows), table_header="| Planet | Moons |"), 1.0, 1)
+    html = gfm.render(passage_markdown(below))
+    assert "<th>Planet</th>" in html and "<td>Earth</td>" in html and html.count("<tr>") == 3
+    # rows whose header is unknown are not dressed up as one
+    html = gfm.render(passage_markdown(hit(1, rows)))
+    assert "<th>Earth</th>" not in html and "<td>Earth</td>" in html
+
+
 def test_passage_table_escapes_cells_and_marks_weak_passages() -> None:
     table = passage_table([hit(1, "a | b <i>c</i>", source="x|y.md", sim=0.1), hit(2, sim=0.9)],
                               min_relevance=0.25)  # fmt: skip
