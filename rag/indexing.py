@@ -39,7 +39,7 @@ if TYPE_CHECKING:
     from rag.index import IndexStore, Snapshot
     from rag.milvus import MilvusSnapshot, MilvusStore
 
-CHUNKER_VERSION = "structure-v2"  # v2: a chunk inside a table keeps its header row (Chunk.table_header)
+CHUNKER_VERSION = "structure-v2"  # v2: a chunk inside a table keeps its header row (Chunk.table_header); HTML tables as Markdown
 
 
 def index_params(settings: Settings, embedder: Embedder) -> IndexParams:

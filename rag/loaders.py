@@ -18,7 +18,9 @@ Trade-offs, chosen on purpose:
 - Markdown stays raw (its syntax helps both chunking and the reader); only heading positions
   are parsed, with a small line scanner rather than a full CommonMark parser.
 - HTML is reduced to visible text with the standard library: no CSS, so text hidden by a
-  stylesheet is kept; table cells are joined with `` | `` so rows stay readable.
+  stylesheet is kept; a table becomes a Markdown table (``| a | b |`` rows, a ``| --- |`` rule
+  under a header row of ``<th>`` cells), so chunking, excerpts and the side panel treat it as
+  one, as they do Markdown's.
 - PDF gives one document per page with text; a page pypdf cannot parse is skipped (and
   logged) rather than failing the whole file. Scanned pages without text are not OCR'd.
 - The scan follows directory symlinks but visits each real directory once, so loops and
@@ -441,6 +443,10 @@ class _TextExtractor(HTMLParser):
         self.pending = 0
         self.space = False
         self.cell = False
+        self.row: list[list[str]] | None = None  # the cells of the table row being read
+        self.row_pending = 0
+        self.row_heads = True  # every cell of the row so far is a <th>
+        self.rows = 0  # rows written of the current table
         self.hidden = 0
         self.pre = 0
         self.in_head = False
@@ -460,8 +466,20 @@ class _TextExtractor(HTMLParser):
             self.in_head = True
         elif tag not in _HEAD_TAGS:
             self.in_head = False  # a body element ends an unclosed <head>, as in browsers
+        if tag == "table":
+            self._end_row()
+            self.rows = 0
+        elif tag == "tr" and not self.hidden:
+            self._end_row()
         self._block(tag)
-        if tag in _CELL:
+        if tag == "tr" and not self.hidden:
+            self.row, self.row_pending, self.row_heads = [], self.pending, True
+        if tag in _CELL and self.row is not None and not self.hidden:
+            self.row.append([])
+            self.row_heads = self.row_heads and tag == "th"
+        elif self.row and (tag in _PARAGRAPH or tag in _LINE):
+            self.row[-1].append(" ")  # a block inside a cell: its words stay apart
+        elif tag in _CELL:
             self.cell = True
         elif tag == "pre":
             self.pre += 1
@@ -479,6 +497,10 @@ class _TextExtractor(HTMLParser):
             self.pre = max(0, self.pre - 1)
         elif self.heading and tag == f"h{self.heading[0]}":
             self._end_heading()
+        elif tag in ("tr", "table"):
+            self._end_row()
+        if self.row and (tag in _PARAGRAPH or tag in _LINE):
+            self.row[-1].append(" ")
         self._block(tag)
 
     def handle_data(self, data: str) -> None:
@@ -486,6 +508,11 @@ class _TextExtractor(HTMLParser):
         if self.in_title:
             self.title.append(data)
         if self.hidden or self.in_head or self.in_title:
+            return
+        if self.row is not None:  # a table cell: the row is written whole at its end
+            if not self.row:
+                self.row.append([])
+            self.row[-1].append(data)
             return
         if self.pre:
             self._write(data)
@@ -495,6 +522,23 @@ class _TextExtractor(HTMLParser):
         if words := " ".join(data.split()):
             self._write(words)
             self.space = data[-1:].isspace()
+
+    def _end_row(self) -> None:
+        """Write the row being read as a Markdown table row (``| a | b |``, a ``|`` inside a cell
+        escaped), and a ``| --- |`` rule under a first row made of ``<th>`` cells."""
+        if self.row is None:
+            return
+        cells = [" ".join("".join(parts).split()).replace("|", "\\|") for parts in self.row]
+        heads, self.row = self.row_heads, None
+        if not any(cells):
+            return
+        self.pending = max(self.row_pending, 1)
+        self._write("| " + " | ".join(cells) + " |")
+        if heads and self.rows == 0:
+            self.pending = 1
+            self._write("| " + " | ".join("---" for _ in cells) + " |")
+        self.rows += 1
+        self.pending = 1
 
     def _block(self, tag: str) -> None:
         if tag in _PARAGRAPH:

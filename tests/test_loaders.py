@@ -179,7 +179,7 @@ def test_html_keeps_visible_text_only() -> None:
         "Compost\n\n"
         "Greens and browns mix — 3 parts<1 €\n\n"
         "Table\n\n"
-        "Item | Type\nLeaves | brown\n\n"
+        "| Item | Type |\n| --- | --- |\n| Leaves | brown |\n\n"
         "one\ntwo\n\n"
         "keep\n  this"
     )
@@ -188,6 +188,18 @@ def test_html_keeps_visible_text_only() -> None:
         text=text,
         title="Composting & You",
         sections=((0, ("Compost",)), (text.index("Table"), ("Compost", "Table"))),
+    )
+
+
+def test_html_tables_become_markdown_tables() -> None:
+    page = ("<p>Intro.</p><table><thead><tr><th>Planet</th><th>Moons</th></tr></thead><tbody>"
+            "<tr><td>Mars</td><td>2</td></tr><tr><td>Earth</td><td></td></tr>"
+            "<tr><td><b>Jupiter</b> big<p>a|b</p>c<br>d</td><td>95</td></tbody></table>"
+            "<table><tr><td>no<td>header<tr><td>rows<td>only</table>After.")  # fmt: skip
+    [doc] = load_bytes("t.html", page.encode())
+    assert doc.text == (
+        "Intro.\n\n| Planet | Moons |\n| --- | --- |\n| Mars | 2 |\n| Earth |  |\n| Jupiter big a\\|b c d | 95 |\n\n"
+        "| no | header |\n| rows | only |\n\nAfter."
     )
 
 
