@@ -152,6 +152,8 @@ def select_excerpts(
             if key in kept or key not in by_key or key in passed_over:
                 continue
             if (hits[key[0]].chunk.source, by_key[key].text) in said:
+                if key[1] == sentence.order:
+                    break  # sent with a better-ranked passage, and its next sentence with it
                 continue
             # A table row brings its header row, so its cells keep their column names.
             header = headers.get(key)

@@ -104,4 +104,6 @@ def test_a_sentence_two_overlapping_passages_share_is_sent_once() -> None:
                            budget=24)  # fmt: skip
     sent = "\n".join(h.excerpt or "" for h in kept)
     assert sent.count("His family moved to Indiana in 1816.") == 2
-    assert [h.chunk.id for h in kept][:2] == ["c1", "c2"] and "moved" not in (kept[1].excerpt or "")
+    # the second passage's copy is not sent, nor the sentence after it on its account: c2 has
+    # nothing else worth its words (the frontier says nothing of the move)
+    assert [h.chunk.id for h in kept] == ["c1", "c3"]
