@@ -17,8 +17,6 @@ against the question and keeps the best ones until ``budget`` tokens are spent:
 - a table row brings its table's header row (from the passage, or the ``table_header`` of a
   passage that starts below it), counted in the budget, and rows stay on lines of their own:
   "| Neptune | Ice giant | 30.1 | 165 years | 49,528 |" alone does not say what 30.1 is;
-- a sentence is sent once: neighbouring chunks of a document overlap, and the best-ranked
-  passage that holds it keeps it;
 - the passages keep their retrieval order and their sentences their order in the passage;
   gaps are marked with "…"; a passage with nothing kept is not sent at all.
 
@@ -144,16 +142,11 @@ def select_excerpts(
     passed_over = {h for h in headers.values() if isinstance(h, tuple)}
     passed_over |= {k for k, s in by_key.items() if s.table >= 0 and _RULE.fullmatch(s.text)}
     kept: set[tuple[int, int]] = set()
-    said: set[tuple[str, str]] = set()  # (source, sentence) sent once: neighbouring chunks overlap
     outside: dict[int, str] = {}  # hit -> the table header its excerpt starts with
     spent = 0
     for sentence in sorted(scored, key=lambda s: -s.score):
         for key in ((sentence.hit, sentence.order), (sentence.hit, sentence.order + 1)):
             if key in kept or key not in by_key or key in passed_over:
-                continue
-            if (hits[key[0]].chunk.source, by_key[key].text) in said:
-                if key[1] == sentence.order:
-                    break  # sent with a better-ranked passage, and its next sentence with it
                 continue
             # A table row brings its header row, so its cells keep their column names.
             header = headers.get(key)
@@ -163,7 +156,6 @@ def select_excerpts(
             if spent + cost > budget:
                 break
             kept.update([*needs, key])
-            said.add((hits[key[0]].chunk.source, by_key[key].text))
             if extra:
                 outside[key[0]] = extra
             spent += cost

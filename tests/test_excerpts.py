@@ -95,15 +95,3 @@ def test_a_header_row_or_a_rule_line_is_never_sent_alone() -> None:
     kept = select_excerpts("Which type and orbital period?", [hit(1, PLANETS, "planets.md")], count=words, budget=12)
     assert kept[0].excerpt == "… Every orbit is an ellipse. Distances are averages."
 
-
-def test_a_sentence_two_overlapping_passages_share_is_sent_once() -> None:
-    first = hit(1, "Lincoln was born in Kentucky. His family moved to Indiana in 1816.")
-    second = hit(2, "His family moved to Indiana in 1816. He grew up on the frontier there.")  # the overlap
-    other_file = hit(3, "His family moved to Indiana in 1816.", "b.txt")  # another document may say it too
-    kept = select_excerpts("When did his family move to Indiana?", [first, second, other_file], count=words,
-                           budget=24)  # fmt: skip
-    sent = "\n".join(h.excerpt or "" for h in kept)
-    assert sent.count("His family moved to Indiana in 1816.") == 2
-    # the second passage's copy is not sent, nor the sentence after it on its account: c2 has
-    # nothing else worth its words (the frontier says nothing of the move)
-    assert [h.chunk.id for h in kept] == ["c1", "c3"]
