@@ -26,8 +26,8 @@ Decisions:
   this module loads, before Chainlit serves anything: a host that must not be served without
   sign-in, or a database that cannot be opened, stops ``chainlit run`` with one line.
 - Who may do what is checked twice: by ``AccessGuard`` in front of Chainlit's routes (a
-  removed user, an upload by a reader, a rating of someone else's answer) and in the handlers (a reader's attached file, the
-  settings that change where the shared documents may be sent).
+  removed user, an upload by a reader, a rating of someone else's answer) and in the handlers
+  (a reader's attached file, the settings that change where the shared documents may be sent).
 """
 
 # No `from __future__ import annotations` here: Chainlit executes this file before putting it
@@ -192,7 +192,8 @@ class AccessGuard:
 
     async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
         if scope["type"] in ("http", "websocket") and SIGN_IN != "anonymous":
-            path = access.route_path(scope["path"], scope.get("root_path", ""), os.environ.get("CHAINLIT_ROOT_PATH", ""))
+            prefixes = (scope.get("root_path", ""), os.environ.get("CHAINLIT_ROOT_PATH", ""))
+            path = access.route_path(scope["path"], *prefixes)
             need = access.route_needs(scope.get("method", "GET"), path)
             if need is not None:
                 user = _session_user(scope)

@@ -7,8 +7,8 @@ resort anywhere (a base64 blob, a long URL). Consecutive chunks of a section sha
 ``overlap_tokens`` of trailing text, whole sentences when they fit.
 
 What each chunk embeds is ``embedding_text``: a one-line context prefix (title and heading
-path), the header row of a table it starts inside, and the chunk's text. The bound, with ``limit = window`` if a window is given, else
-``max_tokens``::
+path), the header row of a table it starts inside, and the chunk's text. The bound, with
+``limit = window`` if a window is given, else ``max_tokens``::
 
     count_tokens(embedding_text(chunk)) <= limit            for every chunk
 

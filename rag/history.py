@@ -409,7 +409,10 @@ class FeedbackOwners:
         when there is no such step."""
         if not _is_uuid(step_id):
             return "", ""
-        query = 'SELECT s."threadId" AS thread, t."userIdentifier" AS author FROM steps s JOIN threads t ON t."id" = s."threadId" WHERE s."id" = :id'
+        query = (
+            'SELECT s."threadId" AS thread, t."userIdentifier" AS author '
+            'FROM steps s JOIN threads t ON t."id" = s."threadId" WHERE s."id" = :id'
+        )
         rows = await self.execute_sql(query=query, parameters={"id": str(step_id)})  # type: ignore[attr-defined]
         if isinstance(rows, list) and rows:
             return str(rows[0].get("thread") or ""), str(rows[0].get("author") or "")

@@ -39,7 +39,8 @@ if TYPE_CHECKING:
     from rag.index import IndexStore, Snapshot
     from rag.milvus import MilvusSnapshot, MilvusStore
 
-CHUNKER_VERSION = "structure-v2"  # v2: a chunk inside a table keeps its header row (Chunk.table_header); HTML tables as Markdown
+# v2: a chunk inside a table keeps its header row (Chunk.table_header); HTML tables as Markdown
+CHUNKER_VERSION = "structure-v2"
 
 
 def index_params(settings: Settings, embedder: Embedder) -> IndexParams:
