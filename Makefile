@@ -56,11 +56,16 @@ $(QWEN15_STAMP): $(BUILD_STAMP)
 	touch $(QWEN15_STAMP)
 
 # An independent OpenAI-compatible server (llama.cpp) for testing our client against a server we did
-# not write. It compiles from source (~6 min on 2 cores), once; never part of `make run`.
+# not write. It compiles from source (~5 min on 2 cores), once; never part of `make run`. A portable
+# AVX2 build: the default native one (-march=native) segfaulted on its first completion on a CPU with
+# AMX and AVX-512 here (exit 139, 2026-12-07); the stamp names the build, so a checkout rebuilds.
 LLAMA_VENV := .venv-llama
-LLAMA_STAMP := $(LLAMA_VENV)/.installed-stamp
+LLAMA_CMAKE_ARGS := -DGGML_NATIVE=OFF -DGGML_AVX=ON -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON
+LLAMA_STAMP := $(LLAMA_VENV)/.installed-0.3.36-avx2
 $(LLAMA_STAMP):
 	test -x $(LLAMA_VENV)/bin/python || $(PYTHON) -m venv $(LLAMA_VENV)
+	CMAKE_ARGS="$(LLAMA_CMAKE_ARGS)" $(LLAMA_VENV)/bin/pip install --quiet --no-cache-dir --force-reinstall \
+	    --no-deps 'llama-cpp-python==0.3.36'
 	$(LLAMA_VENV)/bin/pip install --quiet 'llama-cpp-python[server]==0.3.36'
 	touch $(LLAMA_STAMP)
 
