@@ -132,6 +132,18 @@ def is_table_row(line: str) -> bool:
     return line.lstrip().startswith("|")
 
 
+_TABLE_RULE = re.compile(r"\s*\|?(?:\s*:?-+:?\s*\|)+\s*(?::?-+:?\s*)?")
+
+
+def is_table_rule(line: str) -> bool:
+    """Whether a line is the ``|---|:--:|`` rule under a Markdown table's header row.
+
+    >>> is_table_rule("|--------|:-----:|"), is_table_rule("| --- | --- |"), is_table_rule("| a | - |"), is_table_rule("|  |")
+    (True, True, False, False)
+    """
+    return bool(_TABLE_RULE.fullmatch(line))
+
+
 def table_start(text: str, pos: int) -> int:
     """Where the table whose row holds ``pos`` starts in ``text`` (its first line, or the start
     of ``text`` when the rows run up to it); -1 when ``pos`` is on no table row.
@@ -473,7 +485,7 @@ def _sentences(text: str, start: int, end: int) -> list[tuple[int, int]]:
     while pos < end:
         newline = text.find("\n", pos, end)
         line_end = end if newline < 0 else newline
-        is_row = text[pos:line_end].lstrip().startswith("|")
+        is_row = is_table_row(text[pos:line_end])
         starts_block = is_row or bool(_BLOCK_START.match(text, pos, line_end))
         if not blocks or starts_block or blocks[-1][2]:
             blocks.append((pos, line_end, is_row))

@@ -28,13 +28,12 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import re
 from collections import Counter
 from collections.abc import Callable, Sequence
 
 import numpy as np
 
-from rag.chunking import sentence_spans, table_start
+from rag.chunking import is_table_rule, sentence_spans, table_start
 from rag.keyword import tokenize
 from rag.prompting import TokenCounter
 from rag.types import Hit
@@ -44,7 +43,6 @@ QUESTION_WORDS = frozenset("when what who how which where whi whom whose did do 
 DEFAULT_BUDGET = 260  # tokens of passage text sent to the model
 DEFAULT_WORD_WEIGHT = 0.5
 GAP = " … "
-_RULE = re.compile(r"[|:\-\s]+")  # a table's |---|:--:| line
 
 Embed = Callable[[Sequence[str]], np.ndarray]
 """Unit vectors for texts (``Embedder.embed``)."""
@@ -140,7 +138,7 @@ def select_excerpts(
     headers = _row_headers(hits, scored)
     # A header row comes with its rows, never alone; a |---|---| line carries nothing.
     passed_over = {h for h in headers.values() if isinstance(h, tuple)}
-    passed_over |= {k for k, s in by_key.items() if s.table >= 0 and _RULE.fullmatch(s.text)}
+    passed_over |= {k for k, s in by_key.items() if s.table >= 0 and is_table_rule(s.text)}
     kept: set[tuple[int, int]] = set()
     outside: dict[int, str] = {}  # hit -> the table header its excerpt starts with
     spent = 0

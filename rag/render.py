@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
 
-from rag.chunking import is_table_row
+from rag.chunking import is_table_row, is_table_rule
 from rag.errors import (
     ContextLengthError,
     EndpointError,
@@ -153,9 +153,6 @@ def passage_markdown(hit: Hit) -> str:
     return f"**{escape_markdown(where(hit))}** · similarity {hit.similarity:.2f}\n\n{body}"
 
 
-_RULE_CELL = re.compile(r":?-+:?")
-
-
 def markdown_table(rows: Sequence[str], *, header: str = "") -> str:
     """Pipe-table ``rows`` as a Markdown table whose cells show as text (escaped). ``header``, or
     else the first row when a ``|---|`` rule follows it, heads the table; without either the
@@ -174,14 +171,10 @@ def markdown_table(rows: Sequence[str], *, header: str = "") -> str:
     def cells(row: str) -> list[str]:
         return [" ".join(c.split()) for c in re.split(r"(?<!\\)\|", row.strip().strip("|"))]
 
-    def is_rule(row: list[str]) -> bool:
-        return all(_RULE_CELL.fullmatch(c) for c in row)
-
-    table = [cells(row) for row in rows]
     head = cells(header) if header else []
-    if not head and len(table) > 1 and is_rule(table[1]):
-        head, table = table[0], table[1:]
-    body = [row for row in table if not is_rule(row)]
+    if not head and len(rows) > 1 and is_table_rule(rows[1]):
+        head, rows = cells(rows[0]), rows[1:]
+    body = [cells(row) for row in rows if not is_table_rule(row)]
     width = max(len(row) for row in [head, *body])
 
     def line(row: list[str]) -> str:
