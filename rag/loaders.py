@@ -511,6 +511,8 @@ class _TextExtractor(HTMLParser):
             return
         if self.row is not None:  # a table cell: the row is written whole at its end
             if not self.row:
+                if not data.strip():
+                    return  # the indentation before a row's first cell
                 self.row.append([])
             self.row[-1].append(data)
             return

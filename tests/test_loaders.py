@@ -201,6 +201,8 @@ def test_html_tables_become_markdown_tables() -> None:
         "Intro.\n\n| Planet | Moons |\n| --- | --- |\n| Mars | 2 |\n| Earth |  |\n| Jupiter big a\\|b c d | 95 |\n\n"
         "| no | header |\n| rows | only |\n\nAfter."
     )
+    pretty = "<table>\n  <tr>\n    <th>Planet</th>\n    <th>Moons</th>\n  </tr>\n  <tr>\n    <td>Mars</td>\n    <td>2</td>\n  </tr>\n</table>"
+    assert load_bytes("p.html", pretty.encode())[0].text == "| Planet | Moons |\n| --- | --- |\n| Mars | 2 |"
 
 
 def test_html_meta_charset_is_honoured() -> None:
