@@ -20,6 +20,7 @@ from rag.api import (
     is_retrieval_model,
     key_policy,
     parse_request,
+    passages_field,
     remembered,
     retrieval_models,
 )
@@ -30,7 +31,7 @@ from rag.library import Library
 from rag.prompting import SYSTEM_PROMPT
 from rag.protocol import APIError
 from rag.routing import Router
-from rag.types import Message
+from rag.types import Chunk, Hit, Message
 from tests.fakes import FakeEmbedder
 from tests.sse import DONE, chunk, sse, sse_response
 
@@ -193,6 +194,13 @@ def test_splitting_citations_as_they_stream_gives_what_present_gives(text: str) 
         assert out == normalize_citations(text).strip(), pieces
 
 
+def test_a_passage_inside_a_table_carries_the_tables_header_row() -> None:
+    rows = Chunk("t", "planets.md", "| Mars | 2 |\n| Jupiter | 95 |", 40, 70, table_header="| Planet | Moons |")
+    prose = Chunk("p", "planets.md", "Mars has two moons.", 0, 19)
+    fields = passages_field([Hit(rows, 1.0, 1, similarity=0.5), Hit(prose, 0.9, 2, similarity=0.4)], cited=[1])
+    assert [(f["n"], f["table_header"], f["cited"]) for f in fields] == [(1, "| Planet | Moons |", True), (2, None, False)]
+
+
 # --- keys -------------------------------------------------------------------------------------
 
 
@@ -234,7 +242,8 @@ async def test_a_whole_answer_cites_lists_its_sources_and_carries_the_passages(l
     extra = answer.pop("rag")
     passages = extra.pop("passages")
     assert [p["n"] for p in passages] == list(range(1, len(passages) + 1)) and len(passages) >= 2
-    assert set(passages[0]) == {"n", "source", "page", "headings", "text", "excerpt", "score", "cited"}
+    assert set(passages[0]) == {"n", "source", "page", "headings", "text", "table_header", "excerpt", "score",
+                                 "cited"}
     assert passages[0]["source"] == "solar.md" and "8 minutes and 20 seconds" in passages[0]["text"]
     assert all(p["cited"] == (p["n"] in (1, 2)) for p in passages)
     assert all(0.1 <= p["score"] <= 1.0 and p["page"] is None for p in passages)
