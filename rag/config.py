@@ -89,7 +89,7 @@ class Settings:
     context_window: int = 4096
     max_answer_tokens: int = 512
     # Tokens of passage text the model is sent: the sentences that matter (rag/excerpts.py); 0: whole passages.
-    excerpt_tokens: int = 260
+    excerpt_tokens: int = 200
     temperature: float = DEFAULT_TEMPERATURE
     # rag serve: streamed tokens gather this long between writes (0: one event per token).
     serve_flush_ms: float = 25.0

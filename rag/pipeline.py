@@ -78,7 +78,7 @@ class AskOptions:
         are clamped or ignored (the form is a browser: trust nothing).
 
         >>> AskOptions().updated({"top_k": 50.0, "mode": "bm25", "model": "x"}, ["m"])
-        AskOptions(model='', top_k=20, temperature=0.0, mode='bm25', min_relevance=0.35, policy='local-only', excerpt_tokens=260)
+        AskOptions(model='', top_k=20, temperature=0.0, mode='bm25', min_relevance=0.35, policy='local-only', excerpt_tokens=200)
         """
         changes: dict[str, Any] = {}
         with contextlib.suppress(TypeError, ValueError):
