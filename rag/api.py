@@ -276,7 +276,8 @@ def passages_field(hits: Sequence[Hit], cited: Sequence[int] = ()) -> list[dict[
     """The passages as the ``rag`` field lists them, numbered as the model saw them."""
     return [
         {"n": n, "source": h.chunk.source, "page": h.chunk.page, "headings": list(h.chunk.headings),
-         "text": h.chunk.text, "table_header": h.chunk.table_header or None, "excerpt": h.excerpt, "score": round(float(h.similarity), 4), "cited": n in cited}
+         "text": h.chunk.text, "table_header": h.chunk.table_header or None, "excerpt": h.excerpt,
+         "score": round(float(h.similarity), 4), "cited": n in cited}
         for n, h in enumerate(hits, start=1)
     ]  # fmt: skip
 
